@@ -1,0 +1,112 @@
+"""Save and load pruned denoisers: safetensors weights + a JSON manifest, never pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from obsdiff.models import get_adapter
+
+FORMAT = "obsdiff-pruned/1"
+WEIGHTS = "denoiser.safetensors"
+MANIFEST = "manifest.json"
+
+
+class ArtifactMismatchError(ValueError):
+    """The artifact does not fit the base model it is loaded into."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded next to every artifact and number."""
+    import diffusers
+    import transformers
+
+    from obsdiff import __version__
+
+    return {
+        "obsdiff": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def config_hash(cfg: Any) -> str:
+    """Short, stable hash of a (resolved) config."""
+    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _jsonable(config: Any) -> dict:
+    return json.loads(json.dumps(dict(config), default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+def save_pruned(out_dir: Path, denoiser: torch.nn.Module, cfg: Any, extra: dict | None = None) -> Path:
+    """Write ``denoiser.safetensors``, ``manifest.json`` and the resolved ``config.yaml``.
+
+    Args:
+        out_dir: the run's ``pruned/`` folder.
+        denoiser: the pruned denoiser (shapes as in the base model for these granularities).
+        cfg: the run's resolved config.
+        extra: more manifest fields (e.g. achieved sparsity).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in denoiser.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS), metadata={"format": FORMAT})
+    manifest = {
+        "format": FORMAT,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "denoiser_class": type(denoiser).__name__,
+        "denoiser_config": _jsonable(denoiser.config),
+        "method": cfg.pruner.name,
+        "solver": cfg.pruner.solver,
+        "pattern": OmegaConf.to_container(cfg.sparsity, resolve=True),
+        "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+        "config_hash": config_hash(cfg),
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    return out_dir
+
+
+def load_pruned(path: str | Path, pipeline: Any = None, **pipeline_kwargs: Any) -> Any:
+    """Restore a pruned denoiser into its pipeline.
+
+    Args:
+        path: a run's ``pruned/`` folder.
+        pipeline: an already loaded base pipeline to load into (else the manifest's base model
+            is loaded).
+        **pipeline_kwargs: overrides of the manifest's model settings when loading the base
+            pipeline, e.g. ``device="cuda"``, ``torch_dtype="float16"``, ``path="/local/sd3"``.
+
+    Returns:
+        The pipeline with the pruned denoiser weights.
+    """
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ArtifactMismatchError(f"{path}: unknown artifact format {manifest.get('format')!r}, expected {FORMAT}")
+    model_cfg = OmegaConf.create({**manifest["model"], **pipeline_kwargs})
+    adapter = get_adapter(model_cfg.family)
+    pipe = pipeline if pipeline is not None else adapter.load(model_cfg)
+    denoiser = adapter.denoiser(pipe)
+    saved, actual = manifest["denoiser_config"], _jsonable(denoiser.config)
+    diff = {k: (saved.get(k), actual.get(k)) for k in set(saved) | set(actual)
+            if not k.startswith("_") and saved.get(k) != actual.get(k)}  # fmt: skip
+    if type(denoiser).__name__ != manifest["denoiser_class"] or diff:
+        raise ArtifactMismatchError(
+            f"{path}: the artifact was pruned from {manifest['model']['path']!r} "
+            f"({manifest['denoiser_class']}) and does not match this base model: {diff}"
+        )
+    state = load_file(str(path / WEIGHTS), device=str(next(denoiser.parameters()).device))
+    dtype = next(denoiser.parameters()).dtype
+    denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return pipe

@@ -1,0 +1,57 @@
+"""The one place that hooks the denoiser: Hessian capture for a module package.
+
+``capture_hessians`` registers one forward pre-hook per *input group* (layers that see the
+same input tensor, e.g. ``to_q/to_k/to_v``), so those layers share a single Hessian, and it
+removes every hook in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from obsdiff.calibration.timesteps import StepTracker
+from obsdiff.hessian import HessianAccumulator
+
+
+@contextmanager
+def capture_hessians(
+    denoiser: nn.Module,
+    input_groups: Sequence[tuple[str, ...]],
+    tracker: StepTracker,
+    device: torch.device | str | None = None,
+) -> Iterator[dict[str, HessianAccumulator]]:
+    """Accumulate ``2 Σ α_i X_i X_iᵀ`` for every layer of ``input_groups`` while the block runs.
+
+    Args:
+        denoiser: the model whose linear layers are named in ``input_groups``.
+        input_groups: tuples of layer names that receive the same input.
+        tracker: supplies ``α`` of the current denoising step.
+        device: where the Hessians live (default: each layer's weight device).
+
+    Yields:
+        Layer name → accumulator; layers of one group map to the same object.
+    """
+    hessians: dict[str, HessianAccumulator] = {}
+    handles = []
+
+    def make_hook(acc: HessianAccumulator):
+        def hook(module: nn.Module, args: tuple) -> None:
+            acc.add(args[0], tracker.alpha)
+
+        return hook
+
+    try:
+        for group in input_groups:
+            first = denoiser.get_submodule(group[0])
+            acc = HessianAccumulator(first.in_features, device or first.weight.device)
+            for name in group:
+                hessians[name] = acc
+            handles.append(first.register_forward_pre_hook(make_hook(acc)))
+        yield hessians
+    finally:
+        for handle in handles:
+            handle.remove()

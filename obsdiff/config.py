@@ -1,0 +1,195 @@
+"""Typed config schema (Hydra ConfigStore) and the checks that run before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from obsdiff.calibration.prompts import check_prompt_source
+from obsdiff.calibration.timesteps import SCHEDULES
+from obsdiff.models import get_adapter
+from obsdiff.models.base import DTYPES
+from obsdiff.solvers import SOLVERS, Pattern
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd3"
+    name: str = "tiny_sd3"
+    path: str = "tiny"  # "tiny" = the embedded model; else a hub id or a local diffusers folder
+    torch_dtype: str = "float32"
+    device: str = "auto"
+    text_encoder_3: str | None = "auto"  # null drops T5 (SD3 pipelines allow it)
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "tiny"
+    path: str | None = None
+    column: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    num_prompts: int = 16
+    num_steps: int = 10
+    guidance_scale: float = 7.0
+    resolution: int = 32
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "log_decrease"
+    alpha_min: float = 0.8
+    alpha_max: float = 1.2
+
+
+@dataclass
+class SparsityConfig:
+    kind: str = "unstructured"
+    ratio: float = 0.5
+    n: int = 2
+    m: int = 4
+    exact_count: bool = False  # unstructured: exact per-block count instead of the reference's `<=`
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "obs_diff"
+    solver: str = "obs"
+    num_packages: int = 4
+    damp_frac: float = 0.01
+    block_size: int = 128
+    blocks: Any = None  # null = all blocks; a list of indices; or "start:stop"
+    targets: list[str] | None = None  # null = the model family's default targets
+
+
+@dataclass
+class EvalConfig(PromptsConfig):
+    kind: str = "tiny"  # tiny | coco | none
+    seed: int = 1000
+    num_prompts: int = 32
+    skip_prompts: int = 0  # skip the first N prompts of the source (e.g. the calibration ones)
+    feature_net: str = "efficientnet_lite0"
+    feature_weights: str | None = None
+    reference_dir: str | None = None  # coco: folder of real images; tiny: dense images, other seeds
+    reference_seed: int = 5000
+    clip_model: str = "tiny"
+    num_grid: int = 8
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none
+    project: str = "obsdiff"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: PromptsConfig = field(default_factory=PromptsConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    save_model: bool = True
+    cache_dir: str = "${oc.env:OBSDIFF_CACHE,${oc.env:HOME,.}/.cache/obsdiff}"
+
+
+def register_configs() -> None:
+    """Register the schema so YAML files are type-checked when Hydra composes them."""
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config field holds a value obsdiff cannot run with."""
+
+
+def _fail(fld: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{fld}={value!r} is invalid; allowed: {allowed}")
+
+
+def pattern_from_config(sparsity: DictConfig) -> Pattern:
+    """The solver's ``Pattern`` for the ``sparsity`` group."""
+    if sparsity.kind == "nm":
+        return Pattern(kind="nm", n=sparsity.n, m=sparsity.m)
+    return Pattern(kind="unstructured", ratio=sparsity.ratio, exact_count=sparsity.exact_count)
+
+
+def parse_blocks(blocks: Any) -> list[int] | None:
+    """``null`` → all blocks; ``[0, 3]`` → those; ``"3:25"`` → ``range(3, 25)``."""
+    if blocks is None:
+        return None
+    if isinstance(blocks, str):
+        start, _, stop = blocks.partition(":")
+        if not (start.strip().isdigit() and stop.strip().isdigit()):
+            _fail("pruner.blocks", blocks, 'null, a list of block indices, or "start:stop"')
+        return list(range(int(start), int(stop)))
+    if isinstance(blocks, int):
+        return [blocks]
+    return [int(b) for b in blocks]
+
+
+def validate(cfg: DictConfig) -> dict[str, int]:
+    """Check every field that can be checked without loading weights.
+
+    Returns:
+        ``target -> in_features`` for the configured targets (from the model config).
+    """
+    sp = cfg.sparsity
+    if sp.kind == "unstructured":
+        if not 0 <= sp.ratio < 1:
+            _fail("sparsity.ratio", sp.ratio, "a fraction in [0, 1)")
+    elif sp.kind == "nm":
+        if sp.n <= 0 or sp.m <= 0 or sp.n >= sp.m:
+            _fail("sparsity.n/sparsity.m", f"{sp.n}:{sp.m}", "positive integers with N < M (e.g. 2:4, 4:8)")
+        if cfg.pruner.block_size % sp.m:
+            _fail("pruner.block_size", cfg.pruner.block_size, f"a multiple of sparsity.m={sp.m}")
+    else:
+        _fail("sparsity.kind", sp.kind, "unstructured, nm")
+    sch = cfg.schedule
+    if sch.name not in SCHEDULES:
+        _fail("schedule.name", sch.name, ", ".join(sorted(SCHEDULES)))
+    if sch.alpha_min <= 0 or sch.alpha_max <= 0 or sch.alpha_min > sch.alpha_max:
+        _fail("schedule.alpha_min/alpha_max", f"{sch.alpha_min}/{sch.alpha_max}", "0 < alpha_min <= alpha_max")
+    pr = cfg.pruner
+    if pr.solver not in SOLVERS:
+        _fail("pruner.solver", pr.solver, ", ".join(sorted(SOLVERS)))
+    if pr.num_packages < 1:
+        _fail("pruner.num_packages", pr.num_packages, "an integer >= 1")
+    if pr.damp_frac <= 0:
+        _fail("pruner.damp_frac", pr.damp_frac, "a positive number (0.01 in the paper)")
+    if pr.block_size < 1:
+        _fail("pruner.block_size", pr.block_size, "an integer >= 1")
+    if cfg.model.torch_dtype not in DTYPES:
+        _fail("model.torch_dtype", cfg.model.torch_dtype, ", ".join(DTYPES))
+    for group in ("calibration", "eval"):
+        c = cfg[group]
+        if group == "eval" and c.kind == "none":
+            continue
+        for key in ("num_steps", "batch_size", "resolution"):
+            if c[key] < 1:
+                _fail(f"{group}.{key}", c[key], "an integer >= 1")
+        check_prompt_source(c.source, c.num_prompts + c.get("skip_prompts", 0), c.path, c.column)
+    if cfg.eval.kind not in ("tiny", "coco", "none"):
+        _fail("eval.kind", cfg.eval.kind, "tiny, coco, none")
+    if cfg.logger.kind not in ("wandb", "none"):
+        _fail("logger.kind", cfg.logger.kind, "wandb, none")
+    if cfg.logger.mode not in ("offline", "online", "disabled"):
+        _fail("logger.mode", cfg.logger.mode, "offline, online, disabled")
+    adapter = get_adapter(cfg.model.family)
+    targets = list(pr.targets) if pr.targets is not None else list(adapter.default_targets)
+    widths = adapter.check(cfg.model, parse_blocks(pr.blocks), targets)
+    if sp.kind == "nm":
+        bad = {t: w for t, w in widths.items() if w % sp.m}
+        if bad:
+            _fail("sparsity.m", sp.m, f"a divisor of every target layer's input width; not divisible: {bad}")
+    return widths

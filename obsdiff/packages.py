@@ -1,0 +1,31 @@
+"""Module packages (METHOD.md §3): basic units cut into contiguous packages."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def split_packages(units: list[T], num_packages: int) -> list[list[T]]:
+    """Cut ``units`` into ``num_packages`` contiguous packages.
+
+    ``size = n_units // G``; the first ``n_units % G`` packages get one unit more;
+    ``G > n_units`` gives one unit per package.
+
+    Args:
+        units: basic units, block by block in forward order.
+        num_packages: ``G`` ≥ 1.
+    """
+    if num_packages < 1:
+        raise ValueError(f"pruner.num_packages must be >= 1, got {num_packages}")
+    if not units:
+        return []
+    G = min(num_packages, len(units))
+    size, extra = divmod(len(units), G)
+    packages, start = [], 0
+    for k in range(G):
+        stop = start + size + (1 if k < extra else 0)
+        packages.append(units[start:stop])
+        start = stop
+    return packages

@@ -1,0 +1,214 @@
+"""Optimal Brain Surgeon layer solver in the SparseGPT form (METHOD.md §1).
+
+Plain tensor math: ``W`` (rows, cols), ``H`` (cols, cols) and a sparsity pattern go in; the
+pruned weight, its mask, the damping that was used and the OBS loss come out. Notation follows
+the paper and the SparseGPT reference: ``Hinv`` is the upper Cholesky factor of ``H⁻¹``;
+``W1, Q1, Err1, Losses1`` are the per-block working copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 4
+DAMP_GROWTH = 10.0
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern.
+
+    Args:
+        kind: ``"unstructured"`` or ``"nm"``.
+        ratio: fraction of weights to remove (unstructured).
+        n: weights removed in every aligned group of ``m`` input columns (N:M).
+        m: group size (N:M).
+        exact_count: unstructured only: prune exactly ``floor(numel * ratio)`` weights per block
+            instead of the reference's ``<=`` threshold (which can remove one more).
+    """
+
+    kind: str
+    ratio: float = 0.0
+    n: int = 0
+    m: int = 0
+    exact_count: bool = False
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.n / self.m if self.kind == "nm" else self.ratio
+
+
+@dataclass
+class SolveResult:
+    """Output of a layer solver.
+
+    Args:
+        weight: the pruned weight, in the input weight's dtype.
+        mask: ``True`` where a weight was removed.
+        damp: the absolute damping added to ``diag(H)``.
+        damp_frac: the relative damping that succeeded (may exceed the requested one).
+        obs_loss: SparseGPT's accumulated OBS loss ``Σ (w - q)² / U_qq²``.
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    damp: float
+    damp_frac: float
+    obs_loss: float
+
+
+class CholeskyError(RuntimeError):
+    """Raised when ``H`` stays non positive definite after every damping retry."""
+
+
+def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tuple[torch.Tensor, float, float]:
+    """Damp ``H`` and return the upper Cholesky factor of its inverse.
+
+    Retries with ``damp_frac`` grown tenfold (up to ``MAX_DAMP_RETRIES`` times) when the
+    factorisation fails, and logs every retry; never falls back to another method.
+
+    Args:
+        H: (cols, cols) fp32 Hessian with dead columns already fixed.
+        damp_frac: relative damping λ: ``H += λ · mean(diag(H)) · I``.
+        layer: name used in log and error messages.
+
+    Returns:
+        ``(Hinv, damp, damp_frac)``: the factor, the absolute and the relative damping used.
+    """
+    mean_diag = torch.mean(torch.diag(H)).item()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    frac = damp_frac
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        damp = frac * mean_diag
+        try:
+            L = torch.linalg.cholesky(H + damp * eye)
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            if torch.isfinite(Hinv).all():
+                if attempt:
+                    log.warning("%s: Cholesky succeeded with damp_frac=%g after %d retries", layer, frac, attempt)
+                return Hinv, damp, frac
+        except torch.linalg.LinAlgError:
+            pass
+        log.warning("%s: Cholesky failed with damp_frac=%g; retrying with %g", layer, frac, frac * DAMP_GROWTH)
+        frac *= DAMP_GROWTH
+    raise CholeskyError(
+        f"{layer or 'layer'}: the Hessian is not positive definite even with damp_frac="
+        f"{frac / DAMP_GROWTH:g}. Calibrate on more prompts/steps (calibration.num_prompts), or raise "
+        f"pruner.damp_frac (now {damp_frac:g})."
+    )
+
+
+def _block_mask(W1: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Unstructured mask of one column block, chosen over all rows at once (reference rule)."""
+    tmp = W1**2 / d.reshape(1, -1) ** 2  # (rows, count) saliency w² / U_qq²
+    flat = tmp.flatten()
+    k = int(flat.numel() * pattern.ratio)
+    if pattern.exact_count:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.argsort(flat, stable=True)[:k]] = True
+        return mask.reshape(tmp.shape)
+    thresh = torch.sort(flat)[0][min(k, flat.numel() - 1)]
+    return tmp <= thresh
+
+
+def obs_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pattern: Pattern,
+    damp_frac: float = 0.01,
+    block_size: int = 128,
+    layer: str = "",
+) -> SolveResult:
+    """Prune one linear layer with OBS (METHOD.md §1).
+
+    Args:
+        W: (rows, cols) weight; not modified.
+        H: (cols, cols) Hessian ``2 Σ α X Xᵀ``; not modified.
+        pattern: unstructured ratio or N:M.
+        damp_frac: relative damping λ.
+        block_size: columns per lazy-update block ``B``.
+        layer: name for log and error messages.
+
+    Returns:
+        The pruned weight (input dtype), mask, damping used and OBS loss.
+    """
+    rows, cols = W.shape
+    dtype = W.dtype
+    if pattern.kind == "nm" and (cols % pattern.m or block_size % pattern.m):
+        raise ValueError(f"{layer}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}")
+    W = W.detach().clone().float()
+    H = H.detach().clone().float().to(W.device)
+
+    # Dead inputs: diag(H) == 0 → H_jj = 1, W[:, j] = 0.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    Hinv, damp, used_frac = inverse_cholesky(H, damp_frac, layer)  # upper chol(H⁻¹)
+
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    Losses = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d1 = torch.diag(Hinv1)
+
+        if pattern.kind == "unstructured":
+            mask1 = _block_mask(W1, d1, pattern)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                # N:M on the current, already-compensated weights.
+                tmp = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, pattern.n, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d**2
+            err1 = (w - q) / d
+            # OBS update of the remaining columns of the block: δ = -err · U[i, i:].
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        Losses += torch.sum(Losses1, 1) / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # lazy update of later columns
+
+    return SolveResult(
+        weight=W.to(dtype),
+        mask=mask,
+        damp=damp,
+        damp_frac=used_frac,
+        obs_loss=float(Losses.sum()),
+    )
+
+
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative, Hessian-weighted error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` used in ``layers.csv``.
+
+    Args:
+        W: (rows, cols) dense weight.
+        W_hat: (rows, cols) pruned weight.
+        H: (cols, cols) the layer's own timestep-weighted Hessian (undamped).
+    """
+    W = W.float()
+    H = H.float().to(W.device)
+    delta = W - W_hat.float().to(W.device)
+    num = torch.sum((delta @ H) * delta)
+    den = torch.sum((W @ H) * W)
+    return float(num / den) if den > 0 else float("nan")
