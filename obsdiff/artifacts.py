@@ -31,7 +31,7 @@ def library_versions() -> dict[str, str]:
 
     return {
         "obsdiff": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
     }
@@ -93,7 +93,9 @@ def load_pruned(path: str | Path, pipeline: Any = None, **pipeline_kwargs: Any) 
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != FORMAT:
-        raise ArtifactMismatchError(f"{path}: unknown artifact format {manifest.get('format')!r}, expected {FORMAT}")
+        raise ArtifactMismatchError(
+            f"{path}: unknown artifact format {manifest.get('format')!r}, expected {FORMAT}"
+        )
     model_cfg = OmegaConf.create({**manifest["model"], **pipeline_kwargs})
     adapter = get_adapter(model_cfg.family)
     pipe = pipeline if pipeline is not None else adapter.load(model_cfg)

@@ -15,12 +15,14 @@ from obsdiff.config import ConfigError, register_configs
 from obsdiff.models import ModelNotAvailableError
 
 log = logging.getLogger("obsdiff")
+# conf/ sits beside the package in the repository (editable install, see README).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 USER_ERRORS = (ConfigError, PromptSourceError, ModelNotAvailableError)
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Prune, save, evaluate and log one configuration (``-m`` for sweeps)."""
     from obsdiff.run import run

@@ -23,6 +23,7 @@ class ModelConfig:
     torch_dtype: str = "float32"
     device: str = "auto"
     text_encoder_3: str | None = "auto"  # null drops T5 (SD3 pipelines allow it)
+    max_sequence_length: int = 256  # T5 tokens (zero rows when T5 is dropped), as at inference
 
 
 @dataclass
@@ -159,7 +160,9 @@ def validate(cfg: DictConfig) -> dict[str, int]:
     if sch.name not in SCHEDULES:
         _fail("schedule.name", sch.name, ", ".join(sorted(SCHEDULES)))
     if sch.alpha_min <= 0 or sch.alpha_max <= 0 or sch.alpha_min > sch.alpha_max:
-        _fail("schedule.alpha_min/alpha_max", f"{sch.alpha_min}/{sch.alpha_max}", "0 < alpha_min <= alpha_max")
+        _fail(
+            "schedule.alpha_min/alpha_max", f"{sch.alpha_min}/{sch.alpha_max}", "0 < alpha_min <= alpha_max"
+        )
     pr = cfg.pruner
     if pr.solver not in SOLVERS:
         _fail("pruner.solver", pr.solver, ", ".join(sorted(SOLVERS)))
@@ -178,7 +181,8 @@ def validate(cfg: DictConfig) -> dict[str, int]:
         for key in ("num_steps", "batch_size", "resolution"):
             if c[key] < 1:
                 _fail(f"{group}.{key}", c[key], "an integer >= 1")
-        check_prompt_source(c.source, c.num_prompts + c.get("skip_prompts", 0), c.path, c.column)
+        num = c.num_prompts + c.get("skip_prompts", 0)
+        check_prompt_source(c.source, num, c.path, c.column, c.dataset, c.split, group=group)
     if cfg.eval.kind not in ("tiny", "coco", "none"):
         _fail("eval.kind", cfg.eval.kind, "tiny, coco, none")
     if cfg.logger.kind not in ("wandb", "none"):

@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from obsdiff.calibration.capture import capture_hessians
-from obsdiff.calibration.timesteps import StepTracker
+from obsdiff.calibration.prompts import load_prompts
+from obsdiff.calibration.timesteps import StepTracker, timestep_weights
 from obsdiff.models.base import ModelAdapter, slice_embeds
 from obsdiff.packages import split_packages
 from obsdiff.solvers import Pattern, SolveResult, reconstruction_error
@@ -53,6 +54,21 @@ class LayerRecord:
     damp: float
     loss: float
     seconds: float
+
+
+def prepare_calibration(adapter: ModelAdapter, pipe, cfg) -> Calibration:
+    """Load and encode the calibration prompts once, with per-prompt seeds and the α schedule."""
+    c, sch = cfg.calibration, cfg.schedule
+    prompts = load_prompts(c.source, c.num_prompts, c.path, c.column, c.dataset, c.split)
+    return Calibration(
+        embeds=adapter.encode(pipe, prompts, c.guidance_scale, c.batch_size, cfg.model.max_sequence_length),
+        seeds=[c.seed + i for i in range(c.num_prompts)],
+        num_steps=c.num_steps,
+        guidance_scale=c.guidance_scale,
+        resolution=c.resolution,
+        batch_size=c.batch_size,
+        timestep_weights=timestep_weights(sch.name, c.num_steps, sch.alpha_min, sch.alpha_max),
+    )
 
 
 def calibrate(adapter: ModelAdapter, pipe, calib: Calibration, tracker: StepTracker, progress: tqdm) -> None:
@@ -127,7 +143,9 @@ def prune_model(
             for group in groups:
                 H = hessians[group[0]].H
                 for name in group:
-                    package_records.append(_prune_layer(denoiser, name, H, k, pattern, solver, solver_options))
+                    package_records.append(
+                        _prune_layer(denoiser, name, H, k, pattern, solver, solver_options)
+                    )
             del hessians
             records += package_records
             if on_package_done is not None:
@@ -136,7 +154,13 @@ def prune_model(
 
 
 def _prune_layer(
-    denoiser: nn.Module, name: str, H: torch.Tensor, package: int, pattern: Pattern, solver, options: dict | None
+    denoiser: nn.Module,
+    name: str,
+    H: torch.Tensor,
+    package: int,
+    pattern: Pattern,
+    solver,
+    options: dict | None,
 ) -> LayerRecord:
     layer = denoiser.get_submodule(name)
     W = layer.weight.data

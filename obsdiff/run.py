@@ -12,13 +12,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from obsdiff.artifacts import library_versions, save_pruned
-from obsdiff.calibration.prompts import load_prompts
-from obsdiff.calibration.timesteps import timestep_weights
 from obsdiff.config import parse_blocks, pattern_from_config, validate
 from obsdiff.evaluation.evaluate import Scorer, dense_baseline, generate, prepare_eval_set
 from obsdiff.evaluation.grid import save_image_grid
 from obsdiff.models import get_adapter
-from obsdiff.prune import Calibration, LayerRecord, prune_model
+from obsdiff.prune import LayerRecord, prepare_calibration, prune_model
 from obsdiff.solvers import get_solver
 from obsdiff.tracking import tracking
 
@@ -27,23 +25,22 @@ LAYER_COLUMNS = [f.name for f in dataclasses.fields(LayerRecord)]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Execute the configured experiment; write ``metrics.json``, ``layers.csv``, ``pruned/``, ``samples.png``."""
+    """Run the configured experiment.
+
+    Writes ``metrics.json``, ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``.
+    """
     validate(cfg)  # 0. every check that needs no weights
-    adapter, pattern, c = get_adapter(cfg.model.family), pattern_from_config(cfg.sparsity), cfg.calibration
+    adapter, pattern = get_adapter(cfg.model.family), pattern_from_config(cfg.sparsity)
     targets = list(cfg.pruner.targets or adapter.default_targets)
     metrics: dict = {"prune/sparsity_target": pattern.target_sparsity, **_versions()}
     with tracking(cfg, run_dir) as tracker:
         pipe = adapter.load(cfg.model)  # 1. load; encode every prompt once
-        calib = Calibration(
-            embeds=adapter.encode(pipe, load_prompts(c.source, c.num_prompts, path=c.path, column=c.column,
-                                                     dataset=c.dataset, split=c.split), c.guidance_scale, c.batch_size),
-            seeds=[c.seed + i for i in range(c.num_prompts)],
-            num_steps=c.num_steps, guidance_scale=c.guidance_scale, resolution=c.resolution, batch_size=c.batch_size,
-            timestep_weights=timestep_weights(cfg.schedule.name, c.num_steps, cfg.schedule.alpha_min,
-                                              cfg.schedule.alpha_max),
-        )  # fmt: skip
+        calib = prepare_calibration(adapter, pipe, cfg)
         if cfg.eval.kind != "none":  # 2. dense baseline (cached per model + eval config)
-            evalset, scorer = prepare_eval_set(adapter, pipe, cfg.eval), Scorer(cfg.eval, pipe.tokenizer)
+            evalset, scorer = (
+                prepare_eval_set(adapter, pipe, cfg.eval, cfg.model.max_sequence_length),
+                Scorer(cfg.eval, pipe.tokenizer),
+            )
             dense, reference, dense_metrics = dense_baseline(adapter, pipe, evalset, scorer, cfg)
             metrics |= {f"dense/{k}": v for k, v in dense_metrics.items()} | scorer.names()
         adapter.offload_text_encoders(pipe)
@@ -62,7 +59,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             pruned = generate(adapter, pipe, evalset, cfg.eval, evalset.seeds, desc="pruned images")
             metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts, reference).items()}
             n = min(cfg.eval.num_grid, len(evalset.prompts))
-            save_image_grid(run_dir / "samples.png", {"dense": dense[:n], "pruned": pruned[:n]}, evalset.prompts[:n])
+            save_image_grid(
+                run_dir / "samples.png", {"dense": dense[:n], "pruned": pruned[:n]}, evalset.prompts[:n]
+            )
             tracker.log_image("samples", run_dir / "samples.png", caption="dense (top) vs pruned (bottom)")
         _write_metrics(run_dir, metrics)  # 6. log
         tracker.log_metrics(metrics)

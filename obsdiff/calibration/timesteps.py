@@ -50,7 +50,9 @@ SCHEDULES: dict[str, Callable[[int, float, float], list[float]]] = {
 }
 
 
-def timestep_weights(name: str, num_steps: int, alpha_min: float = 0.8, alpha_max: float = 1.2) -> list[float]:
+def timestep_weights(
+    name: str, num_steps: int, alpha_min: float = 0.8, alpha_max: float = 1.2
+) -> list[float]:
     """Return ``α_0 … α_{T-1}`` of schedule ``name`` (step 0 is the noisiest).
 
     Args:

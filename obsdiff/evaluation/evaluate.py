@@ -34,16 +34,19 @@ class EvalSet:
     seeds: list[int]
 
 
-def prepare_eval_set(adapter: ModelAdapter, pipe: Any, ecfg: Any) -> EvalSet:
+def prepare_eval_set(adapter: ModelAdapter, pipe: Any, ecfg: Any, max_sequence_length: int) -> EvalSet:
     """Load and encode the evaluation prompts (before the text encoders are offloaded)."""
-    prompts = load_prompts(
-        ecfg.source, ecfg.num_prompts + ecfg.skip_prompts, path=ecfg.path, column=ecfg.column
-    )[ecfg.skip_prompts :]
-    embeds = adapter.encode(pipe, prompts, ecfg.guidance_scale, ecfg.batch_size)
+    num = ecfg.num_prompts + ecfg.skip_prompts
+    prompts = load_prompts(ecfg.source, num, ecfg.path, ecfg.column, ecfg.dataset, ecfg.split, group="eval")[
+        ecfg.skip_prompts :
+    ]
+    embeds = adapter.encode(pipe, prompts, ecfg.guidance_scale, ecfg.batch_size, max_sequence_length)
     return EvalSet(prompts, embeds, [ecfg.seed + i for i in range(len(prompts))])
 
 
-def generate(adapter: ModelAdapter, pipe: Any, evalset: EvalSet, ecfg: Any, seeds: list[int], desc: str) -> torch.Tensor:
+def generate(
+    adapter: ModelAdapter, pipe: Any, evalset: EvalSet, ecfg: Any, seeds: list[int], desc: str
+) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] on the CPU, one generator per prompt."""
     images = []
     for start in tqdm(range(0, len(seeds), ecfg.batch_size), desc=desc, unit="batch", dynamic_ncols=True):
@@ -67,7 +70,10 @@ def load_image_folder(folder: str | Path, limit: int, resolution: int) -> torch.
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if len(paths) < 2:
         raise ValueError(f"eval.reference_dir={folder!s}: needs at least 2 images, found {len(paths)}")
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)) for p in paths]
+    arrays = [
+        np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC))
+        for p in paths
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # (N, 3, R, R)
 
 
@@ -110,7 +116,9 @@ def dense_baseline(
     """Dense images, reference images and dense metrics, cached under ``cfg.cache_dir``."""
     from obsdiff.artifacts import config_hash, library_versions
 
-    key = config_hash(OmegaConf.create({"model": cfg.model, "eval": cfg.eval, "versions": library_versions()}))
+    key = config_hash(
+        OmegaConf.create({"model": cfg.model, "eval": cfg.eval, "versions": library_versions()})
+    )
     cache = Path(cfg.cache_dir) / "dense" / f"{cfg.model.name}-{key}"
     if (cache / "metrics.json").exists():
         tensors = load_file(str(cache / "images.safetensors"))
@@ -124,6 +132,8 @@ def dense_baseline(
         reference = generate(adapter, pipe, evalset, ecfg, ref_seeds, desc="reference images")
     metrics = scorer.score(dense, evalset.prompts, reference)
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({"dense": dense.contiguous(), "reference": reference.contiguous()}, str(cache / "images.safetensors"))
+    save_file(
+        {"dense": dense.contiguous(), "reference": reference.contiguous()}, str(cache / "images.safetensors")
+    )
     (cache / "metrics.json").write_text(json.dumps(metrics))
     return dense, reference, metrics

@@ -60,7 +60,14 @@ class ModelAdapter:
         """Basic units of the target layers, block by block in forward order."""
         raise NotImplementedError
 
-    def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
+    def encode(
+        self,
+        pipe: Any,
+        prompts: list[str],
+        guidance_scale: float,
+        batch_size: int,
+        max_sequence_length: int = 256,
+    ) -> dict:
         """Encode prompts once; tensors on the CPU, batched over prompts along dim 0."""
         raise NotImplementedError
 

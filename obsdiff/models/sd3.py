@@ -71,7 +71,9 @@ class SD3Adapter(ModelAdapter):
         if model_cfg.path == "tiny":
             from obsdiff.models.tiny_sd3 import build_tiny_sd3_pipeline
 
-            pipe = build_tiny_sd3_pipeline().to(dtype=dtype)
+            pipe = build_tiny_sd3_pipeline()
+            if dtype != torch.float32:
+                pipe = pipe.to(dtype=dtype)
         else:
             from diffusers import StableDiffusion3Pipeline
 
@@ -114,7 +116,14 @@ class SD3Adapter(ModelAdapter):
                     units.append(groups)
         return units
 
-    def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
+    def encode(
+        self,
+        pipe: Any,
+        prompts: list[str],
+        guidance_scale: float,
+        batch_size: int,
+        max_sequence_length: int = 256,
+    ) -> dict:
         do_cfg = guidance_scale > 1
         device = pipe.text_encoder.device
         parts: dict[str, list[torch.Tensor]] = {}
@@ -122,7 +131,12 @@ class SD3Adapter(ModelAdapter):
             chunk = prompts[start : start + batch_size]
             with torch.no_grad():
                 pe, npe, ppe, nppe = pipe.encode_prompt(
-                    prompt=chunk, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=do_cfg
+                    prompt=chunk,
+                    prompt_2=None,
+                    prompt_3=None,
+                    device=device,
+                    do_classifier_free_guidance=do_cfg,
+                    max_sequence_length=max_sequence_length,
                 )
             out = {
                 "prompt_embeds": pe,

@@ -15,4 +15,12 @@ def get_solver(name: str) -> Callable[..., SolveResult]:
         raise KeyError(f"unknown solver {name!r}; known solvers: {sorted(SOLVERS)}") from None
 
 
-__all__ = ["SOLVERS", "CholeskyError", "Pattern", "SolveResult", "get_solver", "obs_solve", "reconstruction_error"]
+__all__ = [
+    "SOLVERS",
+    "CholeskyError",
+    "Pattern",
+    "SolveResult",
+    "get_solver",
+    "obs_solve",
+    "reconstruction_error",
+]

@@ -90,11 +90,15 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
             Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
             if torch.isfinite(Hinv).all():
                 if attempt:
-                    log.warning("%s: Cholesky succeeded with damp_frac=%g after %d retries", layer, frac, attempt)
+                    log.warning(
+                        "%s: Cholesky succeeded with damp_frac=%g after %d retries", layer, frac, attempt
+                    )
                 return Hinv, damp, frac
         except torch.linalg.LinAlgError:
             pass
-        log.warning("%s: Cholesky failed with damp_frac=%g; retrying with %g", layer, frac, frac * DAMP_GROWTH)
+        log.warning(
+            "%s: Cholesky failed with damp_frac=%g; retrying with %g", layer, frac, frac * DAMP_GROWTH
+        )
         frac *= DAMP_GROWTH
     raise CholeskyError(
         f"{layer or 'layer'}: the Hessian is not positive definite even with damp_frac="
@@ -140,7 +144,9 @@ def obs_solve(
     rows, cols = W.shape
     dtype = W.dtype
     if pattern.kind == "nm" and (cols % pattern.m or block_size % pattern.m):
-        raise ValueError(f"{layer}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}")
+        raise ValueError(
+            f"{layer}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}"
+        )
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
 

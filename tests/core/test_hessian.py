@@ -46,7 +46,9 @@ def test_paper_schedules_endpoints(name, first, last):
 
 def test_log_increase_formula():
     w = timestep_weights("log_increase", 10, 0.5, 1.5)
-    assert w[3] == pytest.approx(0.5 + torch.log(torch.tensor(4.0)).item() / torch.log(torch.tensor(10.0)).item())
+    assert w[3] == pytest.approx(
+        0.5 + torch.log(torch.tensor(4.0)).item() / torch.log(torch.tensor(10.0)).item()
+    )
 
 
 def test_unknown_schedule_lists_known():

@@ -8,7 +8,9 @@ import torch
 from obsdiff.solvers import CholeskyError, Pattern, obs_solve, reconstruction_error
 
 
-def correlated(rows: int, cols: int, tokens: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def correlated(
+    rows: int, cols: int, tokens: int = 256, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
     mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)

@@ -1,0 +1,121 @@
+"""Fréchet distance between two image sets, with an injectable feature network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+from obsdiff.evaluation.features import load_efficientnet_lite0
+
+INCEPTION_FEATURES = 2048
+
+
+class UnitRangeInception(nn.Module):
+    """torchmetrics' FID Inception-v3 (torch-fidelity weights) taking float [0, 1] images.
+
+    torchmetrics feeds a custom feature module the images unchanged, while its Inception expects
+    uint8; this wrapper does the same ``(x * 255).byte()`` conversion torchmetrics applies itself.
+    """
+
+    num_features: int = INCEPTION_FEATURES
+
+    def __init__(self, weights_path: str | None = None) -> None:
+        """Builds the network (torch-fidelity must be installed).
+
+        Args:
+            weights_path: Local Inception-v3 FID weights; ``None`` lets torch-fidelity fetch its own.
+        """
+        super().__init__()
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(INCEPTION_FEATURES)],
+            feature_extractor_weights_path=weights_path,
+        )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Returns pool3 features (N, 2048).
+
+        Args:
+            images: Float images (N, 3, H, W) in [0, 1].
+        """
+        return self.inception((images * 255).byte())
+
+
+def inception_feature_net(weights_path: str | None = None) -> nn.Module:
+    """The standard FID Inception-v3 (2048-d pool features) for real runs.
+
+    Args:
+        weights_path: Local ``pt_inception-2015-12-05`` weights; ``None`` downloads them on first use.
+
+    Raises:
+        ImportError: When torch-fidelity (the ``coco`` extra) is not installed.
+    """
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise ImportError(
+            'Inception-v3 FID needs torch-fidelity: run `pip install "obsdiff[coco]"`, '
+            "or use the feature net `efficientnet_lite0`, which needs no extra package."
+        )
+    return UnitRangeInception(weights_path)
+
+
+FEATURE_NETS: dict[str, Callable[[str | None], nn.Module]] = {
+    "efficientnet_lite0": load_efficientnet_lite0,
+    "inception_v3": inception_feature_net,
+}
+
+
+def get_feature_net(name: str, weights_path: str | None = None) -> nn.Module:
+    """Builds a registered FID feature network by name.
+
+    Args:
+        name: A key of :data:`FEATURE_NETS`.
+        weights_path: Optional local weights file passed to the builder.
+
+    Raises:
+        KeyError: For an unknown name; the message lists the known ones.
+    """
+    if name not in FEATURE_NETS:
+        raise KeyError(f"Unknown FID feature net {name!r}; known: {sorted(FEATURE_NETS)}")
+    return FEATURE_NETS[name](weights_path)
+
+
+def _check_images(images: Tensor, side: str) -> None:
+    """Raises a ValueError unless ``images`` is a float (N >= 2, 3, H, W) batch.
+
+    Args:
+        images: The image batch to check.
+        side: "real" or "fake", used in the message.
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"FID {side} images must be float (N, 3, H, W) in [0, 1], got {images.dtype} "
+            f"{tuple(images.shape)}"
+        )
+    if images.shape[0] < 2:
+        raise ValueError(f"FID needs at least 2 {side} images (a covariance), got {images.shape[0]}")
+
+
+def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 64) -> float:
+    """Fréchet distance between the feature statistics of two image sets.
+
+    Args:
+        real: Reference images, float (N, 3, H, W) in [0, 1].
+        fake: Generated images, float (M, 3, H, W) in [0, 1].
+        feature_net: Module mapping such images to (B, D) features (see :data:`FEATURE_NETS`).
+        batch_size: Images per feature-network call.
+
+    Returns:
+        The FID value (lower is closer).
+    """
+    _check_images(real, "real")
+    _check_images(fake, "fake")
+    device = next(feature_net.parameters(), torch.empty(0)).device
+    metric = FrechetInceptionDistance(feature=feature_net, normalize=True).to(device)
+    for images, is_real in ((real, True), (fake, False)):
+        for batch in images.split(batch_size):
+            metric.update(batch.to(device), real=is_real)
+    return float(metric.compute())

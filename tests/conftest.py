@@ -1,0 +1,56 @@
+"""Shared fixtures: the embedded tiny SD3 pipeline and composed configs (offline, CPU)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from obsdiff.cli import CONF_DIR
+from obsdiff.config import register_configs
+from obsdiff.models import get_adapter
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+register_configs()
+
+TINY_MODEL = {
+    "family": "sd3", "name": "tiny_sd3", "path": "tiny", "torch_dtype": "float32", "device": "cpu",
+    "text_encoder_3": None, "max_sequence_length": 1,
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_pipe():
+    """A fresh tiny pipeline (tests prune it in place)."""
+    adapter = get_adapter("sd3")
+    return adapter, adapter.load(OmegaConf.create(TINY_MODEL))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, monkeypatch):
+    """Compose the project's config with overrides, caching dense results under tmp_path."""
+    monkeypatch.setenv("OBSDIFF_CACHE", str(tmp_path / "cache"))
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
