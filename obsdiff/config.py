@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -10,6 +12,7 @@ from omegaconf import DictConfig
 
 from obsdiff.calibration.prompts import check_prompt_source
 from obsdiff.calibration.timesteps import SCHEDULES
+from obsdiff.evaluation.fid import FEATURE_NETS
 from obsdiff.models import get_adapter
 from obsdiff.models.base import DTYPES
 from obsdiff.solvers import SOLVERS, Pattern
@@ -139,6 +142,19 @@ def parse_blocks(blocks: Any) -> list[int] | None:
     return [int(b) for b in blocks]
 
 
+def _validate_eval(ecfg: DictConfig) -> None:
+    if ecfg.kind not in ("tiny", "coco", "none"):
+        _fail("eval.kind", ecfg.kind, "tiny, coco, none")
+    if ecfg.kind == "none":
+        return
+    if ecfg.reference_dir is not None and not Path(ecfg.reference_dir).is_dir():
+        _fail("eval.reference_dir", ecfg.reference_dir, "an existing folder of reference images")
+    if ecfg.feature_net not in FEATURE_NETS:
+        _fail("eval.feature_net", ecfg.feature_net, ", ".join(sorted(FEATURE_NETS)))
+    if ecfg.feature_net == "inception_v3" and importlib.util.find_spec("torch_fidelity") is None:
+        _fail("eval.feature_net", ecfg.feature_net, 'efficientnet_lite0; or pip install "obsdiff[coco]"')
+
+
 def validate(cfg: DictConfig) -> dict[str, int]:
     """Check every field that can be checked without loading weights.
 
@@ -183,8 +199,7 @@ def validate(cfg: DictConfig) -> dict[str, int]:
                 _fail(f"{group}.{key}", c[key], "an integer >= 1")
         num = c.num_prompts + c.get("skip_prompts", 0)
         check_prompt_source(c.source, num, c.path, c.column, c.dataset, c.split, group=group)
-    if cfg.eval.kind not in ("tiny", "coco", "none"):
-        _fail("eval.kind", cfg.eval.kind, "tiny, coco, none")
+    _validate_eval(cfg.eval)
     if cfg.logger.kind not in ("wandb", "none"):
         _fail("logger.kind", cfg.logger.kind, "wandb, none")
     if cfg.logger.mode not in ("offline", "online", "disabled"):

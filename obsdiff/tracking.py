@@ -25,9 +25,6 @@ class NullTracker:
     def log_image(self, name: str, path: Path, caption: str = "") -> None:
         pass
 
-    def log_artifact(self, name: str, path: Path, kind: str) -> None:
-        pass
-
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -66,11 +63,6 @@ class WandbTracker(NullTracker):
 
     def log_image(self, name: str, path: Path, caption: str = "") -> None:
         self.run.log({name: self._wandb.Image(str(path), caption=caption)})
-
-    def log_artifact(self, name: str, path: Path, kind: str) -> None:
-        artifact = self._wandb.Artifact(name, type=kind)
-        artifact.add_dir(str(path))
-        self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

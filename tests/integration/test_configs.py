@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 import obsdiff.models.sd3 as sd3
 from obsdiff.cli import CONF_DIR
@@ -33,6 +34,15 @@ def test_every_group_option_composes(compose_cfg, group):
 def test_every_experiment_composes(compose_cfg, experiment):
     cfg = compose_cfg(f"+experiment={experiment}")
     assert cfg.model.family == "sd3"
+
+
+def test_slurm_launcher_composes(compose_cfg):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.timeout_min) == (1, 240)
 
 
 def test_paper_experiments_carry_the_paper_settings(compose_cfg):
@@ -78,6 +88,9 @@ BAD = [
     (["pruner.blocks=[7]"], "pruner.blocks"),
     (["pruner.targets=[attn.to_x]"], "pruner.targets"),
     (["model.family=flux"], "flux"),
+    (["eval.reference_dir=/nonexistent/images"], "eval.reference_dir"),
+    (["eval.feature_net=vgg"], "eval.feature_net"),
+    (["eval=tiny", "eval.num_prompts=1000"], "eval.num_prompts"),
 ]
 
 
