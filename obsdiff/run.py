@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from obsdiff.artifacts import library_versions, save_pruned
@@ -30,6 +31,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     Writes ``metrics.json``, ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``.
     """
     validate(cfg)  # 0. every check that needs no weights
+    torch.set_flush_denormal(cfg.flush_denormal)
     adapter, pattern = get_adapter(cfg.model.family), pattern_from_config(cfg.sparsity)
     targets = list(cfg.pruner.targets or adapter.default_targets)
     metrics: dict = {"prune/sparsity_target": pattern.target_sparsity, **_versions()}
