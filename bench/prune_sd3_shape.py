@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import time
 from collections.abc import Callable
@@ -26,18 +24,14 @@ import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from obsdiff.bench import SD3_MEDIUM  # stabilityai/stable-diffusion-3-medium-diffusers transformer config
 from obsdiff.calibration.timesteps import timestep_weights
+from obsdiff.evaluation.speed import device_name
 from obsdiff.models.base import DTYPES, resolve_device
 from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.prune import Calibration, prune_model
 from obsdiff.solvers import Pattern, SolveResult, obs_solve
 
-# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json.
-SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-)  # fmt: skip
 TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens (max_sequence_length=256)
 # METHOD.md §5 calibration settings; cpu-small fits a 2-core CPU in a few minutes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -117,15 +111,6 @@ def random_embeds(num_prompts: int, cfg: bool, dtype: torch.dtype, seed: int) ->
     if cfg:
         shapes |= {"negative_prompt_embeds": (TEXT_TOKENS, 4096), "negative_pooled_prompt_embeds": (2048,)}
     return {k: torch.randn(num_prompts, *s, generator=g).to(dtype) for k, s in shapes.items()}
-
-
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from ``/proc/cpuinfo`` with the core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text() if cpuinfo.exists() else "", re.M)
-    return f"{models[0] if models else platform.processor() or 'unknown CPU'} ({os.cpu_count()} cores)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

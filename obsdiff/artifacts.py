@@ -52,9 +52,10 @@ def save_pruned(out_dir: Path, denoiser: torch.nn.Module, cfg: Any, extra: dict 
 
     Args:
         out_dir: the run's ``pruned/`` folder.
-        denoiser: the pruned denoiser (shapes as in the base model for these granularities).
+        denoiser: the pruned denoiser (structured runs: with its heads / neurons sliced out).
         cfg: the run's resolved config.
-        extra: more manifest fields (e.g. achieved sparsity).
+        extra: more manifest fields (metrics; ``structure`` = the per-block architecture and the
+            removed heads / neurons of a structured run).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in denoiser.state_dict().items()}
@@ -77,6 +78,19 @@ def save_pruned(out_dir: Path, denoiser: torch.nn.Module, cfg: Any, extra: dict 
     return out_dir
 
 
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a ``pruned/`` folder; raises if it is not an obsdiff artifact."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise ArtifactMismatchError(f"{path}: no {MANIFEST}; expected a run's pruned/ folder")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ArtifactMismatchError(
+            f"{path}: unknown artifact format {manifest.get('format')!r}, expected {FORMAT}"
+        )
+    return manifest
+
+
 def load_pruned(path: str | Path, pipeline: Any = None, **pipeline_kwargs: Any) -> Any:
     """Restore a pruned denoiser into its pipeline.
 
@@ -88,14 +102,11 @@ def load_pruned(path: str | Path, pipeline: Any = None, **pipeline_kwargs: Any) 
             pipeline, e.g. ``device="cuda"``, ``torch_dtype="float16"``, ``path="/local/sd3"``.
 
     Returns:
-        The pipeline with the pruned denoiser weights.
+        The pipeline with the pruned denoiser: for structured artifacts the stock denoiser is
+        first given the manifest's per-block shapes (fewer heads, narrower FFNs).
     """
     path = Path(path)
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ArtifactMismatchError(
-            f"{path}: unknown artifact format {manifest.get('format')!r}, expected {FORMAT}"
-        )
+    manifest = read_manifest(path)
     model_cfg = OmegaConf.create({**manifest["model"], **pipeline_kwargs})
     adapter = get_adapter(model_cfg.family)
     pipe = pipeline if pipeline is not None else adapter.load(model_cfg)
@@ -108,6 +119,9 @@ def load_pruned(path: str | Path, pipeline: Any = None, **pipeline_kwargs: Any) 
             f"{path}: the artifact was pruned from {manifest['model']['path']!r} "
             f"({manifest['denoiser_class']}) and does not match this base model: {diff}"
         )
+    if adapter.architecture(denoiser):
+        raise ArtifactMismatchError(f"{path}: the pipeline's denoiser is already pruned; pass a dense base")
+    adapter.reshape(denoiser, manifest.get("structure", {}).get("architecture", {}))
     state = load_file(str(path / WEIGHTS), device=str(next(denoiser.parameters()).device))
     dtype = next(denoiser.parameters()).dtype
     denoiser.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)

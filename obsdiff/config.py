@@ -16,6 +16,7 @@ from obsdiff.evaluation.fid import FEATURE_NETS
 from obsdiff.models import get_adapter
 from obsdiff.models.base import DTYPES
 from obsdiff.solvers import SOLVERS, Pattern
+from obsdiff.solvers.structured import StructuredPattern
 
 
 @dataclass
@@ -58,6 +59,8 @@ class SparsityConfig:
     n: int = 2
     m: int = 4
     exact_count: bool = False  # unstructured: exact per-block count instead of the reference's `<=`
+    head_ratio: float | None = None  # structured: fraction of heads (null = ratio)
+    ffn_ratio: float | None = None  # structured: fraction of FFN neurons (null = ratio)
 
 
 @dataclass
@@ -67,7 +70,8 @@ class PrunerConfig:
     num_packages: int = 4
     damp_frac: float = 0.01
     block_size: int = 128
-    blocks: Any = None  # null = all blocks; a list of indices; or "start:stop"
+    blocks: Any = None  # null = all blocks ([1, L-1) for structured); a list of indices; or "start:stop"
+    compensate: bool = True  # structured: OBS update of the remaining columns (false = ablation)
     targets: list[str] | None = None  # null = the model family's default targets
 
 
@@ -105,6 +109,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     save_model: bool = True
+    artifact: str | None = None  # a run's pruned/ folder: evaluate it without pruning again
     # CPU only: treat subnormal floats (|x| < 1.2e-38) as zero. Denormal arithmetic made the
     # embedded model's sampler up to 20x slower on x86; the values it changes are far below
     # anything that moves a mask or a metric. false = strict IEEE arithmetic.
@@ -125,22 +130,32 @@ def _fail(fld: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{fld}={value!r} is invalid; allowed: {allowed}")
 
 
-def pattern_from_config(sparsity: DictConfig) -> Pattern:
-    """The solver's ``Pattern`` for the ``sparsity`` group."""
+def pattern_from_config(sparsity: DictConfig) -> Pattern | StructuredPattern:
+    """The solver's pattern for the ``sparsity`` group."""
+    if sparsity.kind == "structured":
+        head = sparsity.ratio if sparsity.head_ratio is None else sparsity.head_ratio
+        ffn = sparsity.ratio if sparsity.ffn_ratio is None else sparsity.ffn_ratio
+        return StructuredPattern(ratio=sparsity.ratio, head_ratio=head, ffn_ratio=ffn)
     if sparsity.kind == "nm":
         return Pattern(kind="nm", n=sparsity.n, m=sparsity.m)
     return Pattern(kind="unstructured", ratio=sparsity.ratio, exact_count=sparsity.exact_count)
 
 
-def parse_blocks(blocks: Any) -> list[int] | None:
-    """``null`` → all blocks; ``[0, 3]`` → those; ``"3:25"`` → ``range(3, 25)``."""
+def parse_blocks(blocks: Any, num_layers: int | None = None) -> list[int] | None:
+    """``null`` → all blocks; ``[0, 3]`` → those; ``"3:25"`` → ``range(3, 25)``; ``"1:-1"`` →
+    ``range(1, num_layers - 1)``."""
     if blocks is None:
         return None
     if isinstance(blocks, str):
-        start, _, stop = blocks.partition(":")
-        if not (start.strip().isdigit() and stop.strip().isdigit()):
-            _fail("pruner.blocks", blocks, 'null, a list of block indices, or "start:stop"')
-        return list(range(int(start), int(stop)))
+        start, _, stop = (x.strip() for x in blocks.partition(":"))
+        ints = all(x.lstrip("-").isdigit() for x in (start, stop))
+        if not ints or (num_layers is None and "-" in start + stop):
+            _fail(
+                "pruner.blocks",
+                blocks,
+                'null, a list of block indices, or "start:stop" (negative from the end)',
+            )
+        return list(range(num_layers or 0)[int(start) : int(stop)])
     if isinstance(blocks, int):
         return [blocks]
     return [int(b) for b in blocks]
@@ -174,8 +189,12 @@ def validate(cfg: DictConfig) -> dict[str, int]:
             _fail("sparsity.n/sparsity.m", f"{sp.n}:{sp.m}", "positive integers with N < M (e.g. 2:4, 4:8)")
         if cfg.pruner.block_size % sp.m:
             _fail("pruner.block_size", cfg.pruner.block_size, f"a multiple of sparsity.m={sp.m}")
+    elif sp.kind == "structured":
+        for key in ("ratio", "head_ratio", "ffn_ratio"):
+            if sp[key] is not None and not 0 <= sp[key] < 1:
+                _fail(f"sparsity.{key}", sp[key], "a fraction in [0, 1)")
     else:
-        _fail("sparsity.kind", sp.kind, "unstructured, nm")
+        _fail("sparsity.kind", sp.kind, "unstructured, nm, structured")
     sch = cfg.schedule
     if sch.name not in SCHEDULES:
         _fail("schedule.name", sch.name, ", ".join(sorted(SCHEDULES)))
@@ -192,6 +211,12 @@ def validate(cfg: DictConfig) -> dict[str, int]:
         _fail("pruner.damp_frac", pr.damp_frac, "a positive number (0.01 in the paper)")
     if pr.block_size < 1:
         _fail("pruner.block_size", pr.block_size, "an integer >= 1")
+    if not pr.compensate and sp.kind != "structured":
+        _fail(
+            "pruner.compensate", pr.compensate, "true (false is the structured ablation: sparsity=structured)"
+        )
+    if cfg.artifact is not None and not (Path(cfg.artifact) / "manifest.json").is_file():
+        _fail("artifact", cfg.artifact, "a run's pruned/ folder (with manifest.json)")
     if cfg.model.torch_dtype not in DTYPES:
         _fail("model.torch_dtype", cfg.model.torch_dtype, ", ".join(DTYPES))
     for group in ("calibration", "eval"):
@@ -210,9 +235,37 @@ def validate(cfg: DictConfig) -> dict[str, int]:
         _fail("logger.mode", cfg.logger.mode, "offline, online, disabled")
     adapter = get_adapter(cfg.model.family)
     targets = list(pr.targets) if pr.targets is not None else list(adapter.default_targets)
-    widths = adapter.check(cfg.model, parse_blocks(pr.blocks), targets)
+    widths = adapter.check(cfg.model, pruned_blocks(cfg, adapter), targets)
     if sp.kind == "nm":
         bad = {t: w for t, w in widths.items() if w % sp.m}
         if bad:
             _fail("sparsity.m", sp.m, f"a divisor of every target layer's input width; not divisible: {bad}")
+    if sp.kind == "structured":
+        _check_structured(cfg, adapter)
     return widths
+
+
+def pruned_blocks(cfg: DictConfig, adapter: Any) -> list[int] | None:
+    """The configured blocks; for structured runs ``null`` means the paper's ``[1, L-1)``."""
+    num_layers = adapter.denoiser_config(cfg.model)["num_layers"]
+    blocks = parse_blocks(cfg.pruner.blocks, num_layers)
+    if blocks is None and cfg.sparsity.kind == "structured":
+        return list(range(1, num_layers - 1))
+    return blocks
+
+
+def _check_structured(cfg: DictConfig, adapter: Any) -> None:
+    config, pattern = adapter.denoiser_config(cfg.model), pattern_from_config(cfg.sparsity)
+    heads = config["num_attention_heads"]
+    if pattern.num_heads(heads) >= heads:
+        _fail(
+            "sparsity.head_ratio", pattern.head_ratio, f"a fraction that keeps at least one of {heads} heads"
+        )
+    if cfg.pruner.targets is not None:
+        _fail("pruner.targets", list(cfg.pruner.targets), "null for structured runs (heads and FFN neurons)")
+    if not pruned_blocks(cfg, adapter):
+        _fail(
+            "pruner.blocks",
+            cfg.pruner.blocks,
+            f"a non-empty range of the model's {config['num_layers']} blocks",
+        )

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 from obsdiff.calibration.capture import capture_hessians
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
-from obsdiff.models.base import ModelAdapter, slice_embeds
+from obsdiff.models.base import ModelAdapter, StructuredUnit, slice_embeds
 from obsdiff.packages import split_packages
 from obsdiff.solvers import Pattern, SolveResult, reconstruction_error
+from obsdiff.solvers.structured import StructuredPattern, remove_ffn_columns, remove_heads
 
 
 @dataclass
@@ -49,11 +50,11 @@ class LayerRecord:
     rows: int
     cols: int
     package: int
-    sparsity: float
+    sparsity: float  # fraction of zero weights; structured: fraction of columns removed
     damp_frac: float
     damp: float
     loss: float
-    seconds: float
+    seconds: float  # solver time (calibration is shared by the package)
 
 
 def prepare_calibration(adapter: ModelAdapter, pipe, cfg) -> Calibration:
@@ -105,7 +106,7 @@ def prune_model(
     solver_options: dict | None = None,
     on_package_done: Callable[[list[LayerRecord]], None] | None = None,
 ) -> list[LayerRecord]:
-    """Prune the denoiser in place, package by package (METHOD.md §3).
+    """Prune the denoiser in place, layer by layer, package by package (METHOD.md §3).
 
     Package ``k`` is calibrated on the model in which packages ``< k`` are already pruned;
     inside a package every layer sees dense upstream activations. Hessians of one package
@@ -130,23 +131,100 @@ def prune_model(
     packages = split_packages(adapter.units(denoiser, blocks, targets), num_packages)
     if not packages:
         raise ValueError(f"no target layers matched: pruner.targets={targets}, pruner.blocks={blocks}")
+
+    def prune_package(
+        k: int, package: list, hessians: dict, status: Callable[[str], None]
+    ) -> list[LayerRecord]:
+        groups = [group for unit in package for group in unit]
+        records = []
+        for g, group in enumerate(groups):
+            status(f"solving {g + 1}/{len(groups)}")
+            H = hessians[group[0]].H
+            records += [_prune_layer(denoiser, name, H, k, pattern, solver, solver_options) for name in group]
+        return records
+
+    def input_groups(package: list) -> list[tuple[str, ...]]:
+        return [group for unit in package for group in unit]
+
+    return _package_loop(adapter, pipe, calib, packages, input_groups, prune_package, on_package_done)
+
+
+def prune_structured(
+    adapter: ModelAdapter,
+    pipe,
+    calib: Calibration,
+    pattern: StructuredPattern,
+    num_packages: int,
+    blocks: list[int],
+    damp_frac: float = 0.01,
+    compensate: bool = True,
+    physical: bool = True,
+    on_package_done: Callable[[list[LayerRecord]], None] | None = None,
+) -> tuple[list[LayerRecord], dict[str, list[int]]]:
+    """Remove attention heads and FFN neurons, package by package (METHOD.md §3–4).
+
+    Each output projection / down-projection gets its own timestep-weighted Hessian. After a
+    package is pruned its heads and neurons are deleted from the model (``physical=True``), so
+    later packages calibrate on the smaller model; ``physical=False`` leaves them as zero
+    columns (numerically the same model).
+
+    Args:
+        adapter: the model family's adapter.
+        pipe: the loaded pipeline (its denoiser is modified in place).
+        calib: encoded prompts and sampler settings.
+        pattern: head and FFN ratios.
+        num_packages: ``G``.
+        blocks: block indices to prune.
+        damp_frac: relative damping λ.
+        compensate: apply the OBS update to the remaining columns (``False``: only remove).
+        physical: slice the removed heads and neurons out of the model.
+        on_package_done: called with the package's records.
+
+    Returns:
+        One record per OBS layer, and layer name → removed heads (output projections) or
+        neurons (down-projections), in the dense model's indexing.
+    """
+    denoiser: nn.Module = adapter.denoiser(pipe)
+    packages = split_packages(adapter.structured_units(denoiser, blocks), num_packages)
+    if not packages:
+        raise ValueError(f"no structured units in pruner.blocks={blocks}")
+    removed: dict[str, list[int]] = {}
+
+    def prune_package(
+        k: int, package: list, hessians: dict, status: Callable[[str], None]
+    ) -> list[LayerRecord]:
+        records = []
+        for u, unit in enumerate(package):
+            status(f"solving {u + 1}/{len(package)}")
+            records += _prune_unit(denoiser, unit, hessians, k, pattern, damp_frac, compensate, removed)
+        if physical:
+            for unit in package:
+                adapter.remove_structure(denoiser, unit, {n: removed[n] for n in unit.layers})
+        return records
+
+    def input_groups(package: list) -> list[tuple[str, ...]]:
+        return [(name,) for unit in package for name in unit.layers]
+
+    records = _package_loop(adapter, pipe, calib, packages, input_groups, prune_package, on_package_done)
+    return records, removed
+
+
+def _package_loop(adapter, pipe, calib, packages, input_groups, prune_package, on_package_done):
+    """The group-wise sequential loop: capture a package's Hessians, prune it, go on."""
+    denoiser: nn.Module = adapter.denoiser(pipe)
     tracker = StepTracker(calib.timestep_weights)
     total = len(packages) * len(calib.seeds) * calib.num_steps
     records: list[LayerRecord] = []
     with tqdm(total=total, desc="calibrate+prune", unit="prompt-step", dynamic_ncols=True) as progress:
         for k, package in enumerate(packages):
-            groups = [group for unit in package for group in unit]
-            progress.set_postfix_str(f"package {k + 1}/{len(packages)}")
-            with capture_hessians(denoiser, groups, tracker) as hessians:
+            label = f"package {k + 1}/{len(packages)}"
+            progress.set_postfix_str(label)
+            with capture_hessians(denoiser, input_groups(package), tracker) as hessians:
                 calibrate(adapter, pipe, calib, tracker, progress)
-            package_records = []
-            for group in groups:
-                H = hessians[group[0]].H
-                for name in group:
-                    package_records.append(
-                        _prune_layer(denoiser, name, H, k, pattern, solver, solver_options)
-                    )
-            del hessians
+            package_records = prune_package(
+                k, package, hessians, lambda msg, label=label: progress.set_postfix_str(f"{label}: {msg}")
+            )
+            del hessians  # a package's Hessians must not outlive it
             records += package_records
             if on_package_done is not None:
                 on_package_done(package_records)
@@ -166,6 +244,7 @@ def _prune_layer(
     W = layer.weight.data
     t0 = time.perf_counter()
     result = solver(W, H, pattern, layer=name, **(options or {}))
+    seconds = time.perf_counter() - t0
     loss = reconstruction_error(W, result.weight, H)
     W.copy_(result.weight)
     return LayerRecord(
@@ -177,5 +256,62 @@ def _prune_layer(
         damp_frac=result.damp_frac,
         damp=result.damp,
         loss=loss,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
     )
+
+
+def _prune_unit(
+    denoiser: nn.Module,
+    unit: StructuredUnit,
+    hessians: dict,
+    package: int,
+    pattern: StructuredPattern,
+    damp_frac: float,
+    compensate: bool,
+    removed: dict[str, list[int]],
+) -> list[LayerRecord]:
+    """Structured OBS on one unit: heads jointly over its projections, FFN layers one by one."""
+    Ws = [denoiser.get_submodule(name).weight.data for name in unit.layers]
+    Hs = [hessians[name].H for name in unit.layers]
+    t0 = time.perf_counter()
+    if unit.kind == "heads":
+        heads = Ws[0].shape[1] // unit.head_dim
+        res = remove_heads(
+            Ws, Hs, unit.head_dim, pattern.num_heads(heads), damp_frac, compensate, layer=unit.layers[0]
+        )
+        new, fracs, losses = res.weights, res.damp_frac_used, res.losses
+        cuts = [sorted(res.removed)] * len(Ws)
+        fractions = [len(res.removed) / heads] * len(Ws)
+    else:
+        results = [
+            remove_ffn_columns(W, H, pattern.num_neurons(W.shape[1]), damp_frac, compensate, layer=name)
+            for W, H, name in zip(Ws, Hs, unit.layers, strict=True)
+        ]
+        new, fracs, losses = (
+            [r.weight for r in results],
+            [r.damp_frac_used for r in results],
+            [r.loss for r in results],
+        )
+        cuts = [r.removed.tolist() for r in results]
+        fractions = [len(c) / W.shape[1] for c, W in zip(cuts, Ws, strict=True)]
+    seconds = (time.perf_counter() - t0) / len(Ws)  # a joint solve's time is split over its layers
+    records = []
+    for name, W, W_new, H, frac, loss, cut, fraction in zip(
+        unit.layers, Ws, new, Hs, fracs, losses, cuts, fractions, strict=True
+    ):
+        W.copy_(W_new)
+        removed[name] = cut
+        records.append(
+            LayerRecord(
+                name=name,
+                rows=W.shape[0],
+                cols=W.shape[1],
+                package=package,
+                sparsity=fraction,
+                damp_frac=frac,
+                damp=frac * float(torch.mean(torch.diag(H))),
+                loss=loss,
+                seconds=seconds,
+            )
+        )
+    return records

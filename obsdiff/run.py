@@ -6,18 +6,21 @@ import csv
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.artifacts import library_versions, save_pruned
-from obsdiff.config import parse_blocks, pattern_from_config, validate
+from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned
+from obsdiff.config import pattern_from_config, pruned_blocks, validate
+from obsdiff.evaluation.cost import denoiser_cost
 from obsdiff.evaluation.evaluate import Scorer, dense_baseline, generate, prepare_eval_set
 from obsdiff.evaluation.grid import save_image_grid
-from obsdiff.models import get_adapter
-from obsdiff.prune import LayerRecord, prepare_calibration, prune_model
+from obsdiff.models import ModelAdapter, get_adapter
+from obsdiff.prune import LayerRecord, prepare_calibration, prune_model, prune_structured
 from obsdiff.solvers import get_solver
 from obsdiff.tracking import tracking
 
@@ -26,18 +29,17 @@ LAYER_COLUMNS = [f.name for f in dataclasses.fields(LayerRecord)]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run the configured experiment.
+    """Run the configured experiment (``artifact=…``: evaluate a saved pruned model instead).
 
     Writes ``metrics.json``, ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``.
     """
     validate(cfg)  # 0. every check that needs no weights
     torch.set_flush_denormal(cfg.flush_denormal)
-    adapter, pattern = get_adapter(cfg.model.family), pattern_from_config(cfg.sparsity)
-    targets = list(cfg.pruner.targets or adapter.default_targets)
-    metrics: dict = {"prune/sparsity_target": pattern.target_sparsity, **_versions()}
+    adapter = get_adapter(cfg.model.family)
+    metrics: dict = {f"versions/{k}": v for k, v in library_versions().items()}
     with tracking(cfg, run_dir) as tracker:
         pipe = adapter.load(cfg.model)  # 1. load; encode every prompt once
-        calib = prepare_calibration(adapter, pipe, cfg)
+        calib = prepare_calibration(adapter, pipe, cfg) if cfg.artifact is None else None
         if cfg.eval.kind != "none":  # 2. dense baseline (cached per model + eval config)
             evalset, scorer = (
                 prepare_eval_set(adapter, pipe, cfg.eval, cfg.model.max_sequence_length),
@@ -46,17 +48,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             dense, reference, dense_metrics = dense_baseline(adapter, pipe, evalset, scorer, cfg)
             metrics |= {f"dense/{k}": v for k, v in dense_metrics.items()} | scorer.names()
         adapter.offload_text_encoders(pipe)
-        start = time.perf_counter()  # 3. group-wise sequential pruning
-        records = prune_model(
-            adapter, pipe, calib, pattern, get_solver(cfg.pruner.solver), cfg.pruner.num_packages, targets,
-            blocks=parse_blocks(cfg.pruner.blocks),
-            solver_options={"damp_frac": cfg.pruner.damp_frac, "block_size": cfg.pruner.block_size},
-            on_package_done=lambda rows: _append_layers(run_dir / "layers.csv", rows),
-        )  # fmt: skip
-        metrics |= {"prune/seconds": time.perf_counter() - start, **_achieved(records)}
+        cost_dense = _cost(adapter, pipe, cfg)
+        if cfg.artifact is None:  # 3. group-wise sequential pruning, 4. save
+            records = _prune(cfg, adapter, pipe, calib, run_dir, metrics)
+        else:  # 3'. prune once, evaluate many
+            records = _load_artifact(cfg, pipe, run_dir, metrics)
+        metrics |= _cost_metrics(cost_dense, _cost(adapter, pipe, cfg), adapter.denoiser(pipe))
         _write_metrics(run_dir, metrics)
-        if cfg.save_model:  # 4. save
-            save_pruned(run_dir / "pruned", adapter.denoiser(pipe), cfg, extra={"metrics": dict(metrics)})
         if cfg.eval.kind != "none":  # 5. evaluate against the same prompts and seeds
             pruned = generate(adapter, pipe, evalset, cfg.eval, evalset.seeds, desc="pruned images")
             metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts, reference).items()}
@@ -67,19 +65,83 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             tracker.log_image("samples", run_dir / "samples.png", caption="dense (top) vs pruned (bottom)")
         _write_metrics(run_dir, metrics)  # 6. log
         tracker.log_metrics(metrics)
-        tracker.log_table("layers", LAYER_COLUMNS, [list(dataclasses.astuple(r)) for r in records])
+        tracker.log_table("layers", LAYER_COLUMNS, records)
     log.info("metrics: %s", json.dumps(metrics, indent=1))
     return metrics
 
 
-def _versions() -> dict[str, str]:
-    return {f"versions/{k}": v for k, v in library_versions().items()}
+def _prune(
+    cfg: DictConfig, adapter: ModelAdapter, pipe: Any, calib: Any, run_dir: Path, metrics: dict
+) -> list:
+    """Prune with the configured granularity, record the metrics, save; return the layer rows."""
+    pattern, blocks, pr = pattern_from_config(cfg.sparsity), pruned_blocks(cfg, adapter), cfg.pruner
+    denoiser = adapter.denoiser(pipe)
+    targets = list(pr.targets or adapter.default_targets)
+    names = [n for unit in adapter.units(denoiser, blocks, targets) for group in unit for n in group]
+    numel_before = sum(denoiser.get_submodule(n).weight.numel() for n in names)
+    append = lambda rows: _append_layers(run_dir / "layers.csv", rows)  # noqa: E731
+    start, extra = time.perf_counter(), {}
+    if pattern.kind == "structured":
+        records, removed = prune_structured(
+            adapter, pipe, calib, pattern, pr.num_packages, blocks, pr.damp_frac, pr.compensate,
+            on_package_done=append,
+        )  # fmt: skip
+        extra["structure"] = {"architecture": adapter.architecture(denoiser), "removed": removed}
+        metrics |= {"prune/head_ratio": pattern.head_ratio, "prune/ffn_ratio": pattern.ffn_ratio}
+    else:
+        records = prune_model(
+            adapter, pipe, calib, pattern, get_solver(pr.solver), pr.num_packages, targets, blocks=blocks,
+            solver_options={"damp_frac": pr.damp_frac, "block_size": pr.block_size}, on_package_done=append,
+        )  # fmt: skip
+    seconds = time.perf_counter() - start
+    # zeros (and removed weights) over every target layer of the pruned blocks
+    kept = sum(int(torch.count_nonzero(denoiser.get_submodule(n).weight)) for n in names)
+    metrics |= {
+        "prune/sparsity_target": pattern.target_sparsity,
+        "prune/sparsity_achieved": 1 - kept / numel_before,
+        "prune/num_layers": len(records),
+        "prune/seconds": seconds,
+    }
+    _write_metrics(run_dir, metrics)
+    if cfg.save_model:
+        save_pruned(run_dir / "pruned", denoiser, cfg, extra={**extra, "metrics": dict(metrics)})
+    return [list(dataclasses.astuple(r)) for r in records]
 
 
-def _achieved(records: list[LayerRecord]) -> dict[str, float]:
-    zeros = sum(r.sparsity * r.rows * r.cols for r in records)
-    total = sum(r.rows * r.cols for r in records)
-    return {"prune/sparsity_achieved": zeros / total, "prune/num_layers": len(records)}
+def _load_artifact(cfg: DictConfig, pipe: Any, run_dir: Path, metrics: dict) -> list:
+    """Load ``cfg.artifact`` into the pipeline; carry over its pruning metrics and layer rows."""
+    load_pruned(cfg.artifact, pipeline=pipe)
+    saved = read_manifest(cfg.artifact).get("metrics", {})
+    metrics |= {k: v for k, v in saved.items() if k.startswith("prune/")} | {"artifact": str(cfg.artifact)}
+    layers = Path(cfg.artifact).parent / "layers.csv"
+    if not layers.exists():
+        return []
+    shutil.copyfile(layers, run_dir / "layers.csv")
+    return list(csv.reader(layers.open()))[1:]
+
+
+def _cost(adapter: ModelAdapter, pipe: Any, cfg: DictConfig) -> dict:
+    """Parameters and TFLOPs of one denoising step (CFG-doubled batch of one prompt)."""
+    c = cfg.eval if cfg.eval.kind != "none" else cfg.calibration
+    denoiser = adapter.denoiser(pipe)
+    return denoiser_cost(
+        adapter,
+        dict(denoiser.config),
+        adapter.architecture(denoiser),
+        batch=2 if c.guidance_scale > 1 else 1,
+        latent_size=c.resolution // pipe.vae_scale_factor,
+        text_tokens=adapter.text_tokens(pipe, cfg.model.max_sequence_length),
+    )
+
+
+def _cost_metrics(dense: dict, pruned: dict, denoiser: torch.nn.Module) -> dict:
+    return {
+        "model/params_dense": dense["params"],
+        "model/params": pruned["params"],
+        "model/params_nonzero": sum(int(torch.count_nonzero(p)) for p in denoiser.parameters()),
+        "model/tflops_per_step_dense": dense["tflops"],
+        "model/tflops_per_step": pruned["tflops"],
+    }
 
 
 def _append_layers(path: Path, rows: list[LayerRecord]) -> None:

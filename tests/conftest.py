@@ -1,6 +1,8 @@
 """Shared fixtures: the embedded tiny SD3 pipeline and composed configs (offline, CPU)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,20 @@ def run_dir(tmp_path) -> Path:
     path = tmp_path / "run"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run ``obsdiff`` in a subprocess (offline, silent W&B, dense cache under tmp_path)."""
+    env = {
+        **os.environ,
+        "OBSDIFF_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+    }
+
+    def _cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "obsdiff.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+    return _cli

@@ -1,6 +1,6 @@
 """Model adapters, found by family name (one module per family)."""
 
-from obsdiff.models.base import ModelAdapter, ModelNotAvailableError, Unit
+from obsdiff.models.base import ModelAdapter, ModelNotAvailableError, StructuredUnit, Unit
 from obsdiff.models.sd3 import SD3Adapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {"sd3": SD3Adapter}
@@ -14,4 +14,4 @@ def get_adapter(family: str) -> ModelAdapter:
         raise KeyError(f"unknown model family {family!r}; known families: {sorted(ADAPTERS)}") from None
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModelNotAvailableError", "Unit", "get_adapter"]
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelNotAvailableError", "StructuredUnit", "Unit", "get_adapter"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,26 @@ from torch import nn
 # A basic unit: input groups (layers that see the same input) whose inputs are independent
 # within one forward pass. Names are relative to the denoiser.
 Unit = list[tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class StructuredUnit:
+    """A structured-pruning unit: heads of one attention, or the neurons of a block's FFNs.
+
+    Args:
+        kind: ``"heads"`` (``layers`` lose the same heads jointly) or ``"ffn"`` (every layer
+            loses its own neurons independently).
+        block: the block index.
+        layers: the OBS layers, each with its own Hessian: output projections (heads) or
+            down-projections (FFN neurons = their input columns).
+        head_dim: ``d_h`` for ``"heads"`` units (from the model config).
+    """
+
+    kind: str
+    block: int
+    layers: tuple[str, ...]
+    head_dim: int = 0
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,6 +109,69 @@ class ModelAdapter:
     def offload_text_encoders(self, pipe: Any) -> None:
         """Move the text encoders off the accelerator once prompts are encoded."""
         raise NotImplementedError
+
+    def text_tokens(self, pipe: Any, max_sequence_length: int) -> int:
+        """Prompt tokens the denoiser attends to (for FLOP counts)."""
+        raise NotImplementedError
+
+    def empty_denoiser(self, config: dict, device: torch.device | str = "meta") -> nn.Module:
+        """The denoiser class built from ``config`` without weights (``meta``: no memory)."""
+        raise NotImplementedError
+
+    def example_inputs(
+        self,
+        denoiser: nn.Module,
+        batch: int,
+        resolution: int,
+        text_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Random keyword inputs of one denoiser forward (on the denoiser's device and dtype).
+
+        Args:
+            denoiser: the (possibly pruned, possibly ``meta``) denoiser.
+            batch: denoiser batch (CFG doubles the prompts).
+            latent_size: latent side (``resolution // pipe.vae_scale_factor``).
+            text_tokens: prompt tokens the denoiser attends to.
+            generator: CPU generator for the random values.
+        """
+        raise NotImplementedError
+
+    # Structured pruning (METHOD.md §4): units, physical slicing, per-block architecture.
+
+    def structured_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructuredUnit]:
+        """Head and FFN units of ``blocks``, in forward order."""
+        raise NotImplementedError
+
+    def remove_structure(
+        self, denoiser: nn.Module, unit: StructuredUnit, removed: dict[str, list[int]]
+    ) -> None:
+        """Physically delete heads (``removed[layer]`` = head indices, the same for every layer of
+        a ``"heads"`` unit) or FFN neurons (per down-projection) from the denoiser."""
+        raise NotImplementedError
+
+    def architecture(self, denoiser: nn.Module) -> dict[str, dict[str, int]]:
+        """Per-block shapes that differ from the dense config (block index → field → size)."""
+        raise NotImplementedError
+
+    def reshape(self, denoiser: nn.Module, architecture: dict[str, dict[str, int]]) -> None:
+        """Give a dense denoiser the shapes of ``architecture`` (weights to be loaded after)."""
+        raise NotImplementedError
+
+
+def keep_linear(
+    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> nn.Linear:
+    """A new ``nn.Linear`` holding only output ``rows`` and input ``cols`` (weights and bias)."""
+    W = linear.weight.data
+    W = W if rows is None else W[rows]
+    W = W if cols is None else W[:, cols]
+    out = nn.Linear(W.shape[1], W.shape[0], bias=linear.bias is not None, device="meta")
+    out.weight = nn.Parameter(W.contiguous(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        bias = linear.bias.data if rows is None else linear.bias.data[rows]
+        out.bias = nn.Parameter(bias.contiguous(), requires_grad=linear.bias.requires_grad)
+    return out
 
 
 def slice_embeds(embeds: dict, start: int, stop: int) -> dict:

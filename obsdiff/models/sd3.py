@@ -10,7 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from obsdiff.models.base import DTYPES, ModelAdapter, ModelNotAvailableError, Unit, offline, resolve_device
+from obsdiff.models.base import (
+    DTYPES,
+    ModelAdapter,
+    ModelNotAvailableError,
+    StructuredUnit,
+    Unit,
+    keep_linear,
+    offline,
+    resolve_device,
+)
 
 TINY_CONFIG = Path(__file__).with_name("tiny_sd3.json")
 
@@ -35,6 +44,9 @@ SD3_UNITS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("ff.net.2",), ("ff_context.net.2",)),
 )
 FFN_DOWN = ("ff.net.2", "ff_context.net.2")
+# METHOD.md §4: heads are scored on both output projections; Q/K/V rows follow without compensation.
+HEAD_OUTPUTS = ("attn.to_out.0", "attn.to_add_out")
+HEAD_INPUTS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
 class SD3Adapter(ModelAdapter):
@@ -179,3 +191,116 @@ class SD3Adapter(ModelAdapter):
             encoder = getattr(pipe, name, None)
             if encoder is not None:
                 encoder.to("cpu")
+
+    def text_tokens(self, pipe: Any, max_sequence_length: int) -> int:
+        # CLIP tokens + T5 tokens (zeros when T5 is dropped, still attended to).
+        return pipe.tokenizer_max_length + max_sequence_length
+
+    def empty_denoiser(self, config: dict, device: torch.device | str = "meta") -> nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        with torch.device(device):
+            return SD3Transformer2DModel.from_config(
+                {k: v for k, v in config.items() if not k.startswith("_")}
+            )
+
+    def example_inputs(
+        self,
+        denoiser: nn.Module,
+        batch: int,
+        latent_size: int,
+        text_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        cfg, p = denoiser.config, next(denoiser.parameters())
+
+        def rand(*shape: int) -> torch.Tensor:
+            if p.device.type == "meta":
+                return torch.empty(shape, device="meta", dtype=p.dtype)
+            return torch.randn(shape, generator=generator).to(p.device, p.dtype)
+
+        return {
+            "hidden_states": rand(batch, cfg.in_channels, latent_size, latent_size),
+            "encoder_hidden_states": rand(batch, text_tokens, cfg.joint_attention_dim),
+            "pooled_projections": rand(batch, cfg.pooled_projection_dim),
+            "timestep": torch.full((batch,), 500.0, device=p.device, dtype=p.dtype),
+        }
+
+    def structured_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructuredUnit]:
+        head_dim = denoiser.config.attention_head_dim
+        units = []
+        for b in sorted(blocks):
+            block = denoiser.transformer_blocks[b]
+            if not block.context_pre_only:  # joint attention needs both output projections
+                units.append(
+                    StructuredUnit(
+                        "heads", b, tuple(f"transformer_blocks.{b}.{n}" for n in HEAD_OUTPUTS), head_dim
+                    )
+                )
+            ffns = [n for n in FFN_DOWN if getattr(block, n.split(".")[0]) is not None]
+            units.append(StructuredUnit("ffn", b, tuple(f"transformer_blocks.{b}.{n}" for n in ffns)))
+        return units
+
+    def remove_structure(
+        self, denoiser: nn.Module, unit: StructuredUnit, removed: dict[str, list[int]]
+    ) -> None:
+        block = denoiser.transformer_blocks[unit.block]
+        if unit.kind == "heads":
+            heads = sorted(set(removed[unit.layers[0]]))
+            _remove_heads(block.attn, heads, unit.head_dim)
+        else:
+            for layer, cols in removed.items():
+                ff = getattr(block, layer.split(".")[-3])  # transformer_blocks.{b}.<ff|ff_context>.net.2
+                keep = _complement(ff.net[2].in_features, cols)
+                ff.net[0].proj = keep_linear(ff.net[0].proj, rows=keep)  # up-projection rows + bias
+                ff.net[2] = keep_linear(ff.net[2], cols=keep)  # down-projection input columns
+
+    def architecture(self, denoiser: nn.Module) -> dict[str, dict[str, int]]:
+        cfg = denoiser.config
+        dense = {"heads": cfg.num_attention_heads, "ff": 4 * cfg.num_attention_heads * cfg.attention_head_dim}
+        arch: dict[str, dict[str, int]] = {}
+        for b, block in enumerate(denoiser.transformer_blocks):
+            shape = {"heads": block.attn.heads, "ff": block.ff.net[2].in_features}
+            if block.ff_context is not None:
+                shape["ff_context"] = block.ff_context.net[2].in_features
+            changed = {k: v for k, v in shape.items() if v != dense["heads" if k == "heads" else "ff"]}
+            if changed:
+                arch[str(b)] = changed
+        return arch
+
+    def reshape(self, denoiser: nn.Module, architecture: dict[str, dict[str, int]]) -> None:
+        head_dim = denoiser.config.attention_head_dim
+        for b, shape in architecture.items():
+            block = denoiser.transformer_blocks[int(b)]
+            if "heads" in shape:  # keep the first heads / neurons; the weights are loaded after
+                _remove_heads(block.attn, list(range(shape["heads"], block.attn.heads)), head_dim)
+            removed = {
+                f"transformer_blocks.{b}.{name}.net.2": list(
+                    range(shape[name], getattr(block, name).net[2].in_features)
+                )
+                for name in ("ff", "ff_context")
+                if name in shape
+            }
+            self.remove_structure(denoiser, StructuredUnit("ffn", int(b), tuple(removed)), removed)
+
+
+def _complement(size: int, removed: Sequence[int]) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[list(removed)] = False
+    return keep.nonzero().flatten()
+
+
+def _remove_heads(attn: nn.Module, heads: Sequence[int], head_dim: int) -> None:
+    """Delete ``heads`` of a joint attention: Q/K/V (+ context Q/K/V) rows, output columns."""
+    if not heads:
+        return
+    keep_heads = _complement(attn.heads, heads)
+    keep = (keep_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()  # kept channels
+    for name in HEAD_INPUTS:
+        if getattr(attn, name, None) is not None:
+            setattr(attn, name, keep_linear(getattr(attn, name), rows=keep))
+    attn.to_out[0] = keep_linear(attn.to_out[0], cols=keep)
+    if getattr(attn, "to_add_out", None) is not None:
+        attn.to_add_out = keep_linear(attn.to_add_out, cols=keep)
+    attn.heads = len(keep_heads)  # the stock processors read the head count from here
+    attn.inner_dim = attn.inner_kv_dim = len(keep)

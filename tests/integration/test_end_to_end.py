@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,20 +20,9 @@ pytestmark = pytest.mark.slow
 DEBUG = ["+experiment=debug"]
 
 
-def cli(args, tmp_path, timeout=600):
-    env = {
-        **os.environ,
-        "OBSDIFF_CACHE": str(tmp_path / "cache"),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_SILENT": "true",
-    }
-    return subprocess.run([sys.executable, "-m", "obsdiff.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
-
-
-def test_default_run_fulfils_the_run_contract(tmp_path):
+def test_default_run_fulfils_the_run_contract(cli, tmp_path):
     out = tmp_path / "run"
-    proc = cli([f"hydra.run.dir={out}"], tmp_path)
+    proc = cli([f"hydra.run.dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in (
@@ -77,9 +63,9 @@ def test_nm_run_prunes_exactly_2_of_4(compose_cfg, run_dir):
         assert torch.all((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2), row["name"]
 
 
-def test_multirun_of_two_schedules(tmp_path):
+def test_multirun_of_two_schedules(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "schedule=uniform,log_decrease", *DEBUG, f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = cli(["-m", "schedule=uniform,log_decrease", *DEBUG, f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(sweep.glob("*/metrics.json"))
     assert len(runs) == 2

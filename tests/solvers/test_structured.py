@@ -1,0 +1,202 @@
+"""Structured OBS (FFN neurons, attention heads) against METHOD.md §4."""
+
+import pytest
+import torch
+
+from obsdiff.solvers.obs import CholeskyError
+from obsdiff.solvers.structured import (
+    chunk_sizes,
+    head_saliency,
+    obs_remove_columns,
+    pick_head,
+    remove_ffn_columns,
+    remove_heads,
+    rrf_fuse,
+)
+
+
+def correlated(
+    rows: int, cols: int, tokens: int = 256, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    X = torch.randn(tokens, cols, generator=g) @ mix  # correlated inputs, (tokens, cols)
+    return W, 2 * X.T @ X, X
+
+
+def damped(H: torch.Tensor, frac: float = 0.01) -> torch.Tensor:
+    return H.double() + frac * torch.mean(torch.diag(H.double())) * torch.eye(H.shape[0], dtype=torch.float64)
+
+
+def remove_one_by_one(W: torch.Tensor, Hd: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Reference: closed-form OBS per column, re-inverting the masked Hessian in between (fp64)."""
+    W, Hd = W.double().clone(), Hd.double().clone()
+    for q in order:
+        Hinv = torch.linalg.inv(Hd)
+        W -= (W[:, q] / Hinv[q, q]).unsqueeze(1) * Hinv[q : q + 1, :]  # δ = -(w_q / [H⁻¹]_qq) · H⁻¹[q, :]
+        Hd[q, :] = Hd[:, q] = 0
+        Hd[q, q] = 1
+    return W
+
+
+@pytest.mark.parametrize(
+    "num_remove, first_chunk, chunk", [(0, None, 64), (13, None, 4), (20, 7, 3), (32, 1, 1)]
+)
+def test_exact_count_removed_and_zeroed(num_remove, first_chunk, chunk):
+    W, H, _ = correlated(8, 32)
+    res = remove_ffn_columns(W, H, num_remove, first_chunk=first_chunk, chunk=chunk)
+    assert res.removed.dtype == torch.long and res.removed.numel() == num_remove
+    assert torch.equal(res.removed, torch.sort(res.removed)[0])
+    zero_cols = (res.weight == 0).all(dim=0).nonzero().flatten()
+    assert torch.equal(zero_cols, res.removed)
+
+
+def test_chunk_schedule_follows_the_reference():
+    assert chunk_sizes(2918) == [1024] + [64] * 29 + [38]  # (2918 - 512) // 2 = 1203 → 1024
+    assert chunk_sizes(1000) == [244] + [64] * 11 + [52]
+    assert chunk_sizes(600) == [64] * 9 + [24]  # (600 - 512) // 2 = 44 < chunk → chunk
+    assert chunk_sizes(100) == [64, 36]  # negative → chunk
+    assert chunk_sizes(10, first_chunk=3, chunk=2, max_chunk=2) == [2] * 5
+    assert chunk_sizes(0) == []
+
+
+def test_identity_hessian_picks_smallest_columns_and_keeps_the_rest():
+    W = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    res = remove_ffn_columns(W, torch.eye(10), 4, first_chunk=2, chunk=1)
+    expected = torch.sort(torch.argsort(W.norm(dim=0))[:4])[0]
+    assert torch.equal(res.removed, expected)
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[expected] = False
+    assert torch.equal(res.weight[:, keep], W[:, keep])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compensation_lowers_error_and_off_switch_touches_nothing(seed):
+    W, H, X = correlated(16, 48, seed=seed)
+    on = remove_ffn_columns(W, H, 20, first_chunk=8, chunk=4)
+    off = remove_ffn_columns(W, H, 20, first_chunk=8, chunk=4, compensate=False)
+    keep = torch.ones(48, dtype=torch.bool)
+    keep[off.removed] = False
+    assert torch.equal(off.weight[:, keep], W[:, keep])
+    assert torch.all(off.weight[:, off.removed] == 0)
+    err_on = torch.sum(((W - on.weight) @ X.T) ** 2)
+    err_off = torch.sum(((W - off.weight) @ X.T) ** 2)
+    assert err_on < err_off
+    assert on.loss < off.loss
+
+
+def test_removing_one_column_matches_closed_form_obs():
+    W, H, _ = correlated(5, 8, seed=2)
+    W[:, 3] *= 1e-2  # the least salient column
+    res = remove_ffn_columns(W, H, 1, damp_frac=0.01, first_chunk=1, chunk=1)
+    assert res.removed.tolist() == [3]
+    torch.testing.assert_close(
+        res.weight.double(), remove_one_by_one(W, damped(H), [3]), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_one_chunk_equals_sequential_removal_in_any_order():
+    W, H, _ = correlated(6, 16, seed=5)
+    Hd = damped(H)
+    idx = torch.tensor([9, 2, 14, 5])
+    W1 = W.double().clone()
+    obs_remove_columns(W1, torch.linalg.inv(Hd), idx)
+    torch.testing.assert_close(W1, remove_one_by_one(W, Hd, idx.tolist()), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(W1, remove_one_by_one(W, Hd, [5, 14, 9, 2]), rtol=1e-8, atol=1e-10)
+
+
+def test_chunked_and_one_by_one_agree_when_the_same_columns_are_chosen():
+    W, H, _ = correlated(8, 24, seed=6)
+    W[:, [1, 7, 11, 20, 22]] *= 1e-3  # clearly least salient: any schedule picks them
+    a = remove_ffn_columns(W, H, 5, first_chunk=5)
+    b = remove_ffn_columns(W, H, 5, first_chunk=1, chunk=1)
+    assert a.removed.tolist() == b.removed.tolist() == [1, 7, 11, 20, 22]
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_scaling_the_hessian_changes_nothing():
+    W, H, _ = correlated(8, 32, seed=7)
+    a = remove_ffn_columns(W, H, 12, first_chunk=4, chunk=4)
+    b = remove_ffn_columns(W, 7 * H, 12, first_chunk=4, chunk=4)
+    assert torch.equal(a.removed, b.removed)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+    assert a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+def test_dtype_cast_back_inputs_untouched_and_dead_inputs():
+    W, H, _ = correlated(4, 8)
+    H[2, :] = H[:, 2] = 0
+    W16, H0 = W.half(), H.clone()
+    before = W16.clone()
+    res = remove_ffn_columns(W16, H, 1, first_chunk=1)
+    assert res.weight.dtype == torch.float16 and torch.equal(W16, before) and torch.equal(H, H0)
+    assert res.removed.tolist() == [2]  # a dead input is zeroed, so it goes first
+
+
+def test_cholesky_failure_raises_with_advice():
+    with pytest.raises(CholeskyError, match="damp_frac"):
+        remove_ffn_columns(torch.randn(2, 3), -torch.eye(3), 1, layer="blk.ff.net.2")
+    with pytest.raises(CholeskyError, match="damp_frac"):
+        remove_heads([torch.randn(2, 4)], [-torch.eye(4)], 2, 1, layer="blk.attn")
+
+
+def test_rrf_formula_is_exact_on_a_hand_made_example():
+    s1 = torch.tensor([0.3, 0.1, 0.2, 9.0])  # ranks 2, 0, 1, (3: removed)
+    s2 = torch.tensor([0.1, 0.5, 0.4, 0.0])  # ranks 0, 2, 1, (3: removed, even with the lowest score)
+    fused = rrf_fuse([s1, s2], removed={3})
+    expected = torch.tensor(
+        [1 / 63 + 1 / 61, 1 / 61 + 1 / 63, 1 / 62 + 1 / 62, 1 / 64 + 1 / 64], dtype=torch.float64
+    )
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-15)
+    assert pick_head(fused, {3}) in (0, 1)
+    assert rrf_fuse([s1], set(), k=0)[1] == 1.0
+
+
+def test_head_least_important_in_both_projections_goes_first_and_never_twice():
+    s1 = torch.tensor([5.0, 1.0, 3.0, 0.5])
+    s2 = torch.tensor([2.0, 4.0, 1.0, 0.1])
+    assert pick_head(rrf_fuse([s1, s2], set()), set()) == 3
+    assert pick_head(rrf_fuse([s1, s2], {3}), {3}) == 2  # ranks (1, 0) beat (0, 2)
+    with pytest.raises(ValueError, match="already removed"):
+        pick_head(rrf_fuse([s1], {0, 1, 2, 3}), {0, 1, 2, 3})
+
+
+def test_head_saliency_with_identity_hessian_is_the_frobenius_norm():
+    W = torch.randn(6, 4 * 3, generator=torch.Generator().manual_seed(3))
+    score = head_saliency(W, torch.eye(12), 3, removed={1})
+    frob = W.reshape(6, 4, 3).pow(2).sum(dim=(0, 2))
+    assert score[1] == float("inf")
+    torch.testing.assert_close(score[[0, 2, 3]], frob[[0, 2, 3]])
+    res = remove_heads([W], [torch.eye(12)], 3, 2)
+    assert res.removed == torch.argsort(frob)[:2].tolist()
+
+
+def test_removing_one_head_is_the_joint_obs_update():
+    W, H, _ = correlated(5, 12, seed=8)
+    res = remove_heads([W], [H], 4, 1)
+    j = res.removed[0]
+    P = torch.arange(4 * j, 4 * j + 4)
+    K = torch.tensor([c for c in range(12) if c not in P.tolist()])
+    Hinv = torch.linalg.inv(damped(H))
+    Wd = W.double()
+    expected = torch.zeros_like(Wd)  # W_K - W_P Hinv_PP⁻¹ Hinv_PK, W_P = 0
+    expected[:, K] = Wd[:, K] - Wd[:, P] @ torch.linalg.solve(Hinv[P][:, P], Hinv[P][:, K])
+    torch.testing.assert_close(res.weights[0].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_remove_heads_one_and_two_projections():
+    W1, H1, _ = correlated(6, 16, seed=9)
+    W2, H2, _ = correlated(3, 16, seed=10)
+    single = remove_heads([W1], [H1], 4, 2)
+    twin = remove_heads([W1, W1], [H1, H1], 4, 2)  # identical rankings fuse to the same ranking
+    assert twin.removed == single.removed
+    torch.testing.assert_close(twin.weights[0], single.weights[0])
+    joint = remove_heads([W1, W2], [H1, H2], 4, 3)
+    assert len(set(joint.removed)) == 3 and len(joint.losses) == len(joint.damp_frac_used) == 2
+    for W, Wn in zip((W1, W2), joint.weights, strict=True):
+        assert Wn.shape == W.shape
+        zero_heads = (Wn.reshape(-1, 4, 4) == 0).all(dim=(0, 2)).nonzero().flatten().tolist()
+        assert sorted(joint.removed) == zero_heads
+    with pytest.raises(ValueError, match="head_dim"):
+        remove_heads([W1, W2[:, :12]], [H1, H2[:12, :12]], 4, 1)
