@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from obsdiff.config import effective_update
 from obsdiff.models import get_adapter
 
 FORMAT = "obsdiff-pruned/1"
@@ -66,7 +67,8 @@ def save_pruned(out_dir: Path, denoiser: torch.nn.Module, cfg: Any, extra: dict 
         "denoiser_class": type(denoiser).__name__,
         "denoiser_config": _jsonable(denoiser.config),
         "method": cfg.pruner.name,
-        "solver": cfg.pruner.solver,
+        "mask": cfg.pruner.mask,
+        "update": effective_update(cfg.pruner),
         "pattern": OmegaConf.to_container(cfg.sparsity, resolve=True),
         "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
         "config_hash": config_hash(cfg),

@@ -12,10 +12,12 @@ from omegaconf import DictConfig
 
 from obsdiff.calibration.prompts import check_prompt_source
 from obsdiff.calibration.timesteps import SCHEDULES
+from obsdiff.compare import register_cells
 from obsdiff.evaluation.fid import FEATURE_NETS
 from obsdiff.models import get_adapter
 from obsdiff.models.base import DTYPES
-from obsdiff.solvers import SOLVERS, Pattern
+from obsdiff.solvers import MASK_METHODS, STRUCTURED_METHODS, UPDATES, Pattern
+from obsdiff.solvers.dsnot import INITS as DSNOT_INITS
 from obsdiff.solvers.structured import StructuredPattern
 
 
@@ -64,14 +66,29 @@ class SparsityConfig:
 
 
 @dataclass
+class DsnotConfig:
+    """DSnoT's options, reference defaults (see ``obsdiff.solvers.dsnot``)."""
+
+    init: str = "wanda"  # wanda | magnitude: the start mask
+    max_cycles: int = 50
+    update_threshold: float = 0.1
+    pow_of_var_regrowing: float = 1.0
+    pow_of_var_pruning: float = 0.0  # the reference parses 1 but never uses it
+    keep_error_sign: bool = True
+    exact_guard: bool = False  # opt-in: also reject swaps that raise the exact error
+
+
+@dataclass
 class PrunerConfig:
-    name: str = "obs_diff"
-    solver: str = "obs"
+    name: str = "obs_diff"  # the method's label in metrics and reports
+    mask: str = "obs"  # which weights go: obs | magnitude | wanda | dsnot; structured: obs | l1
+    update: str = "obs"  # obs: OBS compensation on that mask | none: plain masking
     num_packages: int = 4
     damp_frac: float = 0.01
     block_size: int = 128
     blocks: Any = None  # null = all blocks ([1, L-1) for structured); a list of indices; or "start:stop"
-    compensate: bool = True  # structured: OBS update of the remaining columns (false = ablation)
+    compensate: bool = True  # false = update=none (the "no OBS update" ablation)
+    dsnot: DsnotConfig = field(default_factory=DsnotConfig)
     targets: list[str] | None = None  # null = the model family's default targets
 
 
@@ -120,6 +137,7 @@ class RunConfig:
 def register_configs() -> None:
     """Register the schema so YAML files are type-checked when Hydra composes them."""
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+    register_cells()
 
 
 class ConfigError(ValueError):
@@ -203,8 +221,13 @@ def validate(cfg: DictConfig) -> dict[str, int]:
             "schedule.alpha_min/alpha_max", f"{sch.alpha_min}/{sch.alpha_max}", "0 < alpha_min <= alpha_max"
         )
     pr = cfg.pruner
-    if pr.solver not in SOLVERS:
-        _fail("pruner.solver", pr.solver, ", ".join(sorted(SOLVERS)))
+    methods = STRUCTURED_METHODS if sp.kind == "structured" else tuple(MASK_METHODS)
+    if pr.mask not in methods:
+        _fail("pruner.mask", pr.mask, f"{', '.join(methods)} (for sparsity={sp.kind})")
+    if pr["update"] not in UPDATES:
+        _fail("pruner.update", pr["update"], ", ".join(UPDATES))
+    if pr.dsnot.init not in DSNOT_INITS:
+        _fail("pruner.dsnot.init", pr.dsnot.init, ", ".join(DSNOT_INITS))
     if pr.num_packages < 1:
         _fail("pruner.num_packages", pr.num_packages, "an integer >= 1")
     if pr.damp_frac <= 0:
@@ -243,6 +266,14 @@ def validate(cfg: DictConfig) -> dict[str, int]:
     if sp.kind == "structured":
         _check_structured(cfg, adapter)
     return widths
+
+
+def effective_update(pruner: DictConfig) -> str:
+    """``pruner.update``, or ``none`` when ``pruner.compensate=false``.
+
+    (``pruner["update"]``: attribute access would return ``DictConfig.update``, the dict method.)
+    """
+    return pruner["update"] if pruner.compensate else "none"
 
 
 def pruned_blocks(cfg: DictConfig, adapter: Any) -> list[int] | None:

@@ -1,7 +1,8 @@
 """Timestep-weighted Hessian accumulator (METHOD.md §2).
 
 ``H = 2 Σ_i α_i X_i X_iᵀ`` kept as a running mean in fp32, exactly as the reference: each
-call scales its inputs by ``√α`` and weights the mean by ``α × batch``.
+call scales its inputs by ``√α`` and weights the mean by ``α × batch``. The same weighting gives
+the per-column input moments that DSnoT needs (O(cols) memory, no effect on ``H``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ class HessianAccumulator:
 
     def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
         self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.col_sum = torch.zeros(cols, dtype=torch.float64, device=device)  # Σ over a sample's tokens
         self.weight_sum = 0.0
+        self.tokens = 0  # tokens per sample (for per-token moments)
         self.num_calls = 0
 
     def add(self, x: torch.Tensor, alpha: float) -> None:
@@ -35,7 +38,23 @@ class HessianAccumulator:
         X = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (B*L, cols)
         w = alpha * batch
         self.H *= self.weight_sum / (self.weight_sum + w)
+        self.col_sum *= self.weight_sum / (self.weight_sum + w)
         self.weight_sum += w
+        self.col_sum += (alpha / self.weight_sum) * X.sum(dim=0, dtype=torch.float64)
+        self.tokens = X.shape[0] // batch
         X = math.sqrt(2 * alpha / self.weight_sum) * X
         self.H.addmm_(X.T, X)
         self.num_calls += 1
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep-weighted per-column input statistics for DSnoT.
+
+        Returns:
+            ``mean``: (cols,) weighted mean over samples of the per-sample token sum ``Σ_t x_t``
+            (the reference's scale, the same normalisation as ``H``), and ``var``: (cols,)
+            weighted per-token variance ``E[x²] − E[x]²``.
+        """
+        per_token_sq = torch.diag(self.H).double() / (2 * self.tokens)  # diag(H)/2 = E[Σ_t x_t²]
+        per_token_mean = self.col_sum / self.tokens
+        var = (per_token_sq - per_token_mean**2).clamp_min(0)
+        return self.col_sum.float(), var.float()

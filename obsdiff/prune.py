@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,10 +14,18 @@ from tqdm.auto import tqdm
 from obsdiff.calibration.capture import capture_hessians
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
+from obsdiff.hessian import HessianAccumulator
 from obsdiff.models.base import ModelAdapter, StructuredUnit, slice_embeds
 from obsdiff.packages import split_packages
-from obsdiff.solvers import Pattern, SolveResult, reconstruction_error
-from obsdiff.solvers.structured import StructuredPattern, remove_ffn_columns, remove_heads
+from obsdiff.solvers import STRUCTURED_METHODS, Pattern, SolveResult, reconstruction_error
+from obsdiff.solvers.l1 import l1_ffn_columns, l1_heads
+from obsdiff.solvers.structured import (
+    StructuredPattern,
+    StructuredResult,
+    remove_columns,
+    remove_ffn_columns,
+    remove_heads,
+)
 
 
 @dataclass
@@ -139,8 +148,10 @@ def prune_model(
         records = []
         for g, group in enumerate(groups):
             status(f"solving {g + 1}/{len(groups)}")
-            H = hessians[group[0]].H
-            records += [_prune_layer(denoiser, name, H, k, pattern, solver, solver_options) for name in group]
+            acc = hessians[group[0]]
+            records += [
+                _prune_layer(denoiser, name, acc, k, pattern, solver, solver_options) for name in group
+            ]
         return records
 
     def input_groups(package: list) -> list[tuple[str, ...]]:
@@ -159,6 +170,7 @@ def prune_structured(
     damp_frac: float = 0.01,
     compensate: bool = True,
     physical: bool = True,
+    method: str = "obs",
     on_package_done: Callable[[list[LayerRecord]], None] | None = None,
 ) -> tuple[list[LayerRecord], dict[str, list[int]]]:
     """Remove attention heads and FFN neurons, package by package (METHOD.md §3–4).
@@ -178,12 +190,16 @@ def prune_structured(
         damp_frac: relative damping λ.
         compensate: apply the OBS update to the remaining columns (``False``: only remove).
         physical: slice the removed heads and neurons out of the model.
+        method: how heads / neurons are chosen: ``"obs"`` (OBS saliency, iteratively) or ``"l1"``
+            (smallest L1 norm, at once).
         on_package_done: called with the package's records.
 
     Returns:
         One record per OBS layer, and layer name → removed heads (output projections) or
         neurons (down-projections), in the dense model's indexing.
     """
+    if method not in STRUCTURED_METHODS:
+        raise KeyError(f"unknown structured method {method!r}; known: {list(STRUCTURED_METHODS)}")
     denoiser: nn.Module = adapter.denoiser(pipe)
     packages = split_packages(adapter.structured_units(denoiser, blocks), num_packages)
     if not packages:
@@ -196,7 +212,9 @@ def prune_structured(
         records = []
         for u, unit in enumerate(package):
             status(f"solving {u + 1}/{len(package)}")
-            records += _prune_unit(denoiser, unit, hessians, k, pattern, damp_frac, compensate, removed)
+            records += _prune_unit(
+                denoiser, unit, hessians, k, pattern, method, damp_frac, compensate, removed
+            )
         if physical:
             for unit in package:
                 adapter.remove_structure(denoiser, unit, {n: removed[n] for n in unit.layers})
@@ -234,16 +252,18 @@ def _package_loop(adapter, pipe, calib, packages, input_groups, prune_package, o
 def _prune_layer(
     denoiser: nn.Module,
     name: str,
-    H: torch.Tensor,
+    acc: HessianAccumulator,
     package: int,
     pattern: Pattern,
     solver,
     options: dict | None,
 ) -> LayerRecord:
     layer = denoiser.get_submodule(name)
-    W = layer.weight.data
+    W, H, options = layer.weight.data, acc.H, dict(options or {})
+    if "moments" in inspect.signature(solver).parameters:  # DSnoT: per-column input mean / variance
+        options["moments"] = acc.moments()
     t0 = time.perf_counter()
-    result = solver(W, H, pattern, layer=name, **(options or {}))
+    result = solver(W, H, pattern, layer=name, **options)
     seconds = time.perf_counter() - t0
     loss = reconstruction_error(W, result.weight, H)
     W.copy_(result.weight)
@@ -266,40 +286,48 @@ def _prune_unit(
     hessians: dict,
     package: int,
     pattern: StructuredPattern,
+    method: str,
     damp_frac: float,
     compensate: bool,
     removed: dict[str, list[int]],
 ) -> list[LayerRecord]:
-    """Structured OBS on one unit: heads jointly over its projections, FFN layers one by one."""
+    """Remove heads (jointly over the unit's projections) or FFN neurons (per layer) of one unit."""
     Ws = [denoiser.get_submodule(name).weight.data for name in unit.layers]
     Hs = [hessians[name].H for name in unit.layers]
     t0 = time.perf_counter()
     if unit.kind == "heads":
-        heads = Ws[0].shape[1] // unit.head_dim
-        res = remove_heads(
-            Ws, Hs, unit.head_dim, pattern.num_heads(heads), damp_frac, compensate, layer=unit.layers[0]
-        )
-        new, fracs, losses = res.weights, res.damp_frac_used, res.losses
-        cuts = [sorted(res.removed)] * len(Ws)
-        fractions = [len(res.removed) / heads] * len(Ws)
+        d_h = unit.head_dim
+        heads, layer = Ws[0].shape[1] // d_h, unit.layers[0]
+        if method == "obs":
+            res = remove_heads(Ws, Hs, d_h, pattern.num_heads(heads), damp_frac, compensate, layer=layer)
+            chosen = sorted(res.removed)
+            results = [
+                StructuredResult(w, torch.tensor(chosen), f, loss)
+                for w, f, loss in zip(res.weights, res.damp_frac_used, res.losses, strict=True)
+            ]
+        else:  # l1: the smallest-norm heads, removed at once
+            chosen = sorted(l1_heads(Ws, d_h, pattern.num_heads(heads)))
+            idx = torch.tensor([h * d_h + i for h in chosen for i in range(d_h)], dtype=torch.long)
+            results = [
+                remove_columns(W, H, idx, damp_frac, compensate, name)
+                for W, H, name in zip(Ws, Hs, unit.layers, strict=True)
+            ]
+        cuts = [chosen] * len(Ws)
+        fractions = [len(c) / heads for c in cuts]
     else:
-        results = [
-            remove_ffn_columns(W, H, pattern.num_neurons(W.shape[1]), damp_frac, compensate, layer=name)
-            for W, H, name in zip(Ws, Hs, unit.layers, strict=True)
-        ]
-        new, fracs, losses = (
-            [r.weight for r in results],
-            [r.damp_frac_used for r in results],
-            [r.loss for r in results],
-        )
+        results = []
+        for W, H, name in zip(Ws, Hs, unit.layers, strict=True):
+            num = pattern.num_neurons(W.shape[1])
+            if method == "obs":
+                results.append(remove_ffn_columns(W, H, num, damp_frac, compensate, layer=name))
+            else:
+                results.append(remove_columns(W, H, l1_ffn_columns(W, num), damp_frac, compensate, name))
         cuts = [r.removed.tolist() for r in results]
         fractions = [len(c) / W.shape[1] for c, W in zip(cuts, Ws, strict=True)]
     seconds = (time.perf_counter() - t0) / len(Ws)  # a joint solve's time is split over its layers
     records = []
-    for name, W, W_new, H, frac, loss, cut, fraction in zip(
-        unit.layers, Ws, new, Hs, fracs, losses, cuts, fractions, strict=True
-    ):
-        W.copy_(W_new)
+    for name, W, H, r, cut, fraction in zip(unit.layers, Ws, Hs, results, cuts, fractions, strict=True):
+        W.copy_(r.weight)
         removed[name] = cut
         records.append(
             LayerRecord(
@@ -308,9 +336,9 @@ def _prune_unit(
                 cols=W.shape[1],
                 package=package,
                 sparsity=fraction,
-                damp_frac=frac,
-                damp=frac * float(torch.mean(torch.diag(H))),
-                loss=loss,
+                damp_frac=r.damp_frac_used,
+                damp=r.damp_frac_used * float(torch.mean(torch.diag(H))),
+                loss=r.loss,
                 seconds=seconds,
             )
         )

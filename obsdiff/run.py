@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned
-from obsdiff.config import pattern_from_config, pruned_blocks, validate
+from obsdiff.config import effective_update, pattern_from_config, pruned_blocks, validate
 from obsdiff.evaluation.cost import denoiser_cost
 from obsdiff.evaluation.evaluate import Scorer, dense_baseline, generate, prepare_eval_set
 from obsdiff.evaluation.grid import save_image_grid
 from obsdiff.models import ModelAdapter, get_adapter
 from obsdiff.prune import LayerRecord, prepare_calibration, prune_model, prune_structured
-from obsdiff.solvers import get_solver
+from obsdiff.solvers import layer_solver
 from obsdiff.tracking import tracking
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def _prune(
 ) -> list:
     """Prune with the configured granularity, record the metrics, save; return the layer rows."""
     pattern, blocks, pr = pattern_from_config(cfg.sparsity), pruned_blocks(cfg, adapter), cfg.pruner
+    update = effective_update(pr)
     denoiser = adapter.denoiser(pipe)
     targets = list(pr.targets or adapter.default_targets)
     names = [n for unit in adapter.units(denoiser, blocks, targets) for group in unit for n in group]
@@ -83,20 +84,32 @@ def _prune(
     start, extra = time.perf_counter(), {}
     if pattern.kind == "structured":
         records, removed = prune_structured(
-            adapter, pipe, calib, pattern, pr.num_packages, blocks, pr.damp_frac, pr.compensate,
-            on_package_done=append,
+            adapter, pipe, calib, pattern, pr.num_packages, blocks, pr.damp_frac, update == "obs",
+            method=pr.mask, on_package_done=append,
         )  # fmt: skip
         extra["structure"] = {"architecture": adapter.architecture(denoiser), "removed": removed}
         metrics |= {"prune/head_ratio": pattern.head_ratio, "prune/ffn_ratio": pattern.ffn_ratio}
     else:
+        solver = layer_solver(pr.mask, update, pr.damp_frac, pr.block_size, OmegaConf.to_container(pr.dsnot))
         records = prune_model(
-            adapter, pipe, calib, pattern, get_solver(pr.solver), pr.num_packages, targets, blocks=blocks,
-            solver_options={"damp_frac": pr.damp_frac, "block_size": pr.block_size}, on_package_done=append,
-        )  # fmt: skip
+            adapter,
+            pipe,
+            calib,
+            pattern,
+            solver,
+            pr.num_packages,
+            targets,
+            blocks=blocks,
+            on_package_done=append,
+        )
     seconds = time.perf_counter() - start
     # zeros (and removed weights) over every target layer of the pruned blocks
     kept = sum(int(torch.count_nonzero(denoiser.get_submodule(n).weight)) for n in names)
     metrics |= {
+        "prune/method": pr.name,
+        "prune/mask": pr.mask,
+        "prune/update": update,
+        "prune/pattern": _pattern_label(cfg.sparsity),
         "prune/sparsity_target": pattern.target_sparsity,
         "prune/sparsity_achieved": 1 - kept / numel_before,
         "prune/num_layers": len(records),
@@ -106,6 +119,11 @@ def _prune(
     if cfg.save_model:
         save_pruned(run_dir / "pruned", denoiser, cfg, extra={**extra, "metrics": dict(metrics)})
     return [list(dataclasses.astuple(r)) for r in records]
+
+
+def _pattern_label(sp: DictConfig) -> str:
+    """``unstructured 50%``, ``2:4``, ``structured 30%`` (how reports name a sparsity)."""
+    return f"{sp.n}:{sp.m}" if sp.kind == "nm" else f"{sp.kind} {round(100 * sp.ratio)}%"
 
 
 def _load_artifact(cfg: DictConfig, pipe: Any, run_dir: Path, metrics: dict) -> list:

@@ -127,6 +127,8 @@ def obs_solve(
     damp_frac: float = 0.01,
     block_size: int = 128,
     layer: str = "",
+    *,
+    mask: torch.Tensor | None = None,
 ) -> SolveResult:
     """Prune one linear layer with OBS (METHOD.md §1).
 
@@ -137,6 +139,9 @@ def obs_solve(
         damp_frac: relative damping λ.
         block_size: columns per lazy-update block ``B``.
         layer: name for log and error messages.
+        mask: optional fixed (rows, cols) mask, ``True`` = remove (e.g. from magnitude or Wanda):
+            selection is skipped and only the OBS compensation runs; ``pattern`` is then only
+            reported.
 
     Returns:
         The pruned weight (input dtype), mask, damping used and OBS loss.
@@ -147,6 +152,9 @@ def obs_solve(
         raise ValueError(
             f"{layer}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}"
         )
+    if mask is not None and mask.shape != W.shape:
+        raise ValueError(f"{layer}: mask shape {tuple(mask.shape)} != weight shape {tuple(W.shape)}")
+    fixed_mask = None if mask is None else mask.to(W.device, torch.bool)
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
 
@@ -169,7 +177,9 @@ def obs_solve(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
 
-        if pattern.kind == "unstructured":
+        if fixed_mask is not None:
+            mask1 = fixed_mask[:, i1:i2].clone()
+        elif pattern.kind == "unstructured":
             mask1 = _block_mask(W1, d1, pattern)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
@@ -177,7 +187,7 @@ def obs_solve(
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if pattern.kind == "nm" and i % pattern.m == 0:
+            if pattern.kind == "nm" and fixed_mask is None and i % pattern.m == 0:
                 # N:M on the current, already-compensated weights.
                 tmp = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].reshape(1, -1) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, pattern.n, dim=1, largest=False)[1], True)

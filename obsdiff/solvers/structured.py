@@ -216,6 +216,36 @@ def remove_ffn_columns(
     )
 
 
+def remove_columns(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    idx: torch.Tensor,
+    damp_frac: float = 0.01,
+    compensate: bool = True,
+    layer: str = "",
+) -> StructuredResult:
+    """Remove a given set of input columns at once (e.g. chosen by L1 norm), with or without OBS.
+
+    Args:
+        W: (rows, cols) weight; not modified.
+        H: (cols, cols) Hessian of its input; not modified.
+        idx: columns to remove.
+        damp_frac: relative damping λ.
+        compensate: apply the joint OBS update to the remaining columns.
+        layer: name for log and error messages.
+    """
+    W0, dtype = W, W.dtype
+    idx = torch.as_tensor(idx, dtype=torch.long, device=W.device)
+    W, Hd, used_frac = _prepare(W, H, damp_frac, layer)
+    if compensate and idx.numel():
+        obs_remove_columns(W, _inverse(Hd, layer), idx, layer)
+    W[:, idx] = 0
+    W = W.to(dtype)
+    return StructuredResult(
+        weight=W, removed=torch.sort(idx)[0], damp_frac_used=used_frac, loss=reconstruction_error(W0, W, H)
+    )
+
+
 def head_saliency(W: torch.Tensor, Hinv: torch.Tensor, head_dim: int, removed: set[int]) -> torch.Tensor:
     """Per-head OBS score of an attention output projection; removed heads get ``+inf``.
 

@@ -68,3 +68,18 @@ def test_tracker_advances_per_step_and_resets():
         _ = tracker.alpha
     tracker.reset()
     assert tracker.alpha == 3.0
+
+
+def test_moments_are_the_weighted_token_statistics():
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 5, 3, generator=g) + 2.0, a) for a in (1.2, 0.8, 1.0)]  # (batch, tokens, cols)
+    acc = HessianAccumulator(3)
+    for x, a in batches:
+        acc.add(x, a)
+    mean, var = acc.moments()
+    norm = sum(a * x.shape[0] for x, a in batches)
+    sample_sum = sum(a * x.sum(dim=(0, 1)) for x, a in batches) / norm  # E_sample[Σ_t x_t]
+    token_mean = sample_sum / 5
+    token_sq = sum(a * (x**2).sum(dim=(0, 1)) for x, a in batches) / norm / 5
+    torch.testing.assert_close(mean, sample_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, token_sq - token_mean**2, rtol=1e-4, atol=1e-5)

@@ -50,7 +50,7 @@ def test_structured_run_then_evaluate_the_artifact(cli, tmp_path):
     [
         (["sparsity=structured", "sparsity.head_ratio=0.9"], "sparsity.head_ratio"),
         (["sparsity=structured", "sparsity.ffn_ratio=1.0"], "sparsity.ffn_ratio"),
-        (["pruner.compensate=false"], "pruner.compensate"),
+        (["pruner=l1_norm", "sparsity=unstructured"], "pruner.mask"),
         (["sparsity=structured", "pruner.blocks=[3]", "pruner.targets=[attn.to_q]"], "pruner.targets"),
         (["artifact=/nonexistent/pruned"], "artifact"),
     ],

@@ -126,16 +126,11 @@ def test_save_load_round_trip_gives_identical_images(tiny_pipe, compose_cfg, tmp
     assert torch.equal(images(reloaded), before)
 
 
-def test_structured_artifact_refuses_a_mismatched_or_pruned_base(tiny_pipe, compose_cfg, tmp_path):
+def test_structured_artifact_refuses_an_already_pruned_base(tiny_pipe, compose_cfg, tmp_path):
     adapter, pipe = tiny_pipe
     prune_structured(adapter, pipe, calibration(adapter, pipe, steps=2), HALF, 1, [1])
     save_pruned(tmp_path / "pruned", pipe.transformer, compose_cfg("logger=none", "sparsity=structured"),
                 extra={"structure": {"architecture": adapter.architecture(pipe.transformer)}})  # fmt: skip
     with pytest.raises(ArtifactMismatchError, match="already pruned"):
         load_pruned(tmp_path / "pruned", pipeline=pipe)
-    manifest_path = tmp_path / "pruned" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["denoiser_config"]["attention_head_dim"] = 32
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactMismatchError, match="attention_head_dim"):
-        load_pruned(tmp_path / "pruned")
+    # a manifest from another base model is refused before any reshape (test_end_to_end)

@@ -4,18 +4,9 @@ import logging
 
 import pytest
 import torch
+from synthetic import correlated
 
 from obsdiff.solvers import CholeskyError, Pattern, obs_solve, reconstruction_error
-
-
-def correlated(
-    rows: int, cols: int, tokens: int = 256, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)
-    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
-    X = torch.randn(tokens, cols, generator=g) @ mix  # correlated inputs, (tokens, cols)
-    return W, 2 * X.T @ X, X
 
 
 def magnitude(W: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from synthetic import correlated
 
 from obsdiff.solvers.obs import CholeskyError
 from obsdiff.solvers.structured import (
@@ -13,16 +14,6 @@ from obsdiff.solvers.structured import (
     remove_heads,
     rrf_fuse,
 )
-
-
-def correlated(
-    rows: int, cols: int, tokens: int = 256, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g)
-    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
-    X = torch.randn(tokens, cols, generator=g) @ mix  # correlated inputs, (tokens, cols)
-    return W, 2 * X.T @ X, X
 
 
 def damped(H: torch.Tensor, frac: float = 0.01) -> torch.Tensor:
