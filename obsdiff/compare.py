@@ -14,16 +14,17 @@ LEVELS: dict[str, dict] = {
     "u30": {"kind": "unstructured", "ratio": 0.3},
     "u50": {"kind": "unstructured", "ratio": 0.5},
     "u60": {"kind": "unstructured", "ratio": 0.6},
+    "u70": {"kind": "unstructured", "ratio": 0.7},
     "2of4": {"kind": "nm", "n": 2, "m": 4},
     "s20": {"kind": "structured", "ratio": 0.2},
     "s30": {"kind": "structured", "ratio": 0.3},
 }
 METHODS: dict[str, tuple[str, ...]] = {
-    "magnitude": ("u30", "u50", "u60", "2of4"),
-    "wanda": ("u30", "u50", "u60", "2of4"),
-    "sparsegpt": ("u30", "u50", "u60", "2of4"),
-    "dsnot": ("u30", "u50", "u60", "2of4"),
-    "obs_diff": ("u30", "u50", "u60", "2of4", "s20", "s30"),
+    "magnitude": ("u30", "u50", "u60", "u70", "2of4"),
+    "wanda": ("u30", "u50", "u60", "u70", "2of4"),
+    "sparsegpt": ("u30", "u50", "u60", "u70", "2of4"),
+    "dsnot": ("u30", "u50", "u60", "u70", "2of4"),
+    "obs_diff": ("u30", "u50", "u60", "u70", "2of4", "s20", "s30"),
     "l1_norm": ("s20", "s30"),
 }
 

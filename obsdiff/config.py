@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from obsdiff.calibration.prompts import check_prompt_source
 from obsdiff.calibration.timesteps import SCHEDULES
 from obsdiff.compare import register_cells
+from obsdiff.evaluation.evaluate import PROMPT_JUDGES, REAL_IMAGES
 from obsdiff.evaluation.fid import FEATURE_NETS
 from obsdiff.models import get_adapter
 from obsdiff.models.base import DTYPES
@@ -24,8 +25,8 @@ from obsdiff.solvers.structured import StructuredPattern
 @dataclass
 class ModelConfig:
     family: str = "sd3"
-    name: str = "tiny_sd3"
-    path: str = "tiny"  # "tiny" = the embedded model; else a hub id or a local diffusers folder
+    name: str = "tiny_digits"
+    path: str = "tiny_digits"  # embedded: tiny_digits (trained), tiny (random); else hub id or folder
     torch_dtype: str = "float32"
     device: str = "auto"
     text_encoder_3: str | None = "auto"  # null drops T5 (SD3 pipelines allow it)
@@ -100,9 +101,11 @@ class EvalConfig(PromptsConfig):
     skip_prompts: int = 0  # skip the first N prompts of the source (e.g. the calibration ones)
     feature_net: str = "efficientnet_lite0"
     feature_weights: str | None = None
-    reference_dir: str | None = None  # coco: folder of real images; tiny: dense images, other seeds
-    reference_seed: int = 5000
-    clip_model: str = "tiny"
+    reference_dir: str | None = None  # folder of real images (coco)
+    real_images: str | None = None  # packaged real images by name (tiny: digits_heldout)
+    reference_seed: int | None = 5000  # fid_dense: the dense model with these seeds; null = none
+    clip_model: str | None = "tiny"  # a CLIP hub id or folder; tiny = random plumbing check; null = none
+    prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
     num_grid: int = 8
 
 
@@ -186,6 +189,15 @@ def _validate_eval(ecfg: DictConfig) -> None:
         return
     if ecfg.reference_dir is not None and not Path(ecfg.reference_dir).is_dir():
         _fail("eval.reference_dir", ecfg.reference_dir, "an existing folder of reference images")
+    if ecfg.real_images is not None and ecfg.real_images not in REAL_IMAGES:
+        _fail("eval.real_images", ecfg.real_images, f"null, {', '.join(sorted(REAL_IMAGES))}")
+    if ecfg.reference_dir is None and ecfg.real_images is None and ecfg.reference_seed is None:
+        _fail("eval.reference_seed", None, "a seed when eval has no real images (reference_dir, real_images)")
+    if ecfg.prompt_judge is not None:
+        if ecfg.prompt_judge not in PROMPT_JUDGES:
+            _fail("eval.prompt_judge", ecfg.prompt_judge, f"null, {', '.join(sorted(PROMPT_JUDGES))}")
+        if ecfg.source != "digits":
+            _fail("eval.prompt_judge", ecfg.prompt_judge, "null unless eval.source=digits")
     if ecfg.feature_net not in FEATURE_NETS:
         _fail("eval.feature_net", ecfg.feature_net, ", ".join(sorted(FEATURE_NETS)))
     if ecfg.feature_net == "inception_v3" and importlib.util.find_spec("torch_fidelity") is None:

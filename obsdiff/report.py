@@ -16,14 +16,18 @@ import math
 import statistics
 from pathlib import Path
 
+# Shown when any run has them. ``eval/fid`` is left out: it is ``fid_real`` or ``fid_dense``.
 METRICS = {
-    "eval/fid": "FID ↓",
+    "eval/fid_real": "FID to real images ↓",
+    "eval/fid_dense": "FID to the dense model ↓",
+    "eval/prompt_accuracy": "prompt accuracy ↑",
     "eval/clip_score": "CLIP score ↑",
     "layer_loss": "mean layer loss ↓",
     "prune/sparsity_achieved": "sparsity achieved",
     "prune/seconds": "prune seconds",
 }
-COLUMNS = ["run", "method", "mask", "update", "pattern", "dense/fid", "dense/clip_score", *METRICS]
+SETTINGS = ["method", "mask", "update", "pattern", "schedule", "num_packages"]
+COLUMNS = ["run", *SETTINGS, *(f"dense/{k[5:]}" for k in METRICS if k.startswith("eval/")), *METRICS]
 PATTERN_ORDER = ["unstructured", ":", "structured"]  # unstructured levels, then N:M, then structured
 
 
@@ -37,14 +41,10 @@ def collect(roots: list[Path]) -> list[dict]:
                 continue  # not a finished obsdiff run
             losses = [float(r["loss"]) for r in csv.DictReader((path.parent / "layers.csv").open())]
             row = {k: metrics.get(k, math.nan) for k in COLUMNS}
-            row |= {
-                "run": str(path.parent),
-                "method": metrics["prune/method"],
-                "mask": metrics["prune/mask"],
-                "update": metrics["prune/update"],
-                "pattern": metrics["prune/pattern"],
-                "layer_loss": statistics.fmean(losses) if losses else math.nan,
-            }
+            row |= {k: metrics.get(f"prune/{k}", "") for k in SETTINGS}
+            row |= {"run": str(path.parent), "layer_loss": statistics.fmean(losses) if losses else math.nan}
+            if "plumbing" in metrics.get("eval/clip_network", ""):  # a random CLIP: not a result
+                row["eval/clip_score"] = row["dense/clip_score"] = math.nan
             rows.append(row)
     return sorted(rows, key=lambda r: (r["method"], _pattern_key(r["pattern"])))
 
@@ -54,51 +54,80 @@ def _pattern_key(pattern: str) -> tuple[int, str]:
     return group, pattern
 
 
-def _label(row: dict) -> str:
+def _label(row: dict, varying: set[str] = frozenset()) -> str:
     """The method's name; a mask-vs-update ablation (OBS update on another mask, or an OBS mask
-    without its update) also names its mask and update."""
-    if (row["mask"] == "obs") == (row["update"] == "obs"):
-        return row["method"]
-    return f"{row['method']} ({row['mask']} mask + {row['update']} update)"
+    without its update) also names its mask and update; schedule and packages when they vary."""
+    label = row["method"]
+    if (row["mask"] == "obs") != (row["update"] == "obs"):
+        label += f" ({row['mask']} mask + {row['update']} update)"
+    extras = [f"{row['schedule']}" if "schedule" in varying else ""]
+    packages = row["num_packages"]
+    extras.append(f"{packages} package{'' if packages == 1 else 's'}" if "num_packages" in varying else "")
+    extras = [e for e in extras if e]
+    return label + (f", {', '.join(extras)}" if extras else "")
+
+
+def _varying(rows: list[dict]) -> set[str]:
+    """The settings (schedule, packages) that differ between runs of one method at one pattern."""
+    varying = set()
+    for key in ("schedule", "num_packages"):
+        values: dict[tuple, set] = {}
+        for r in rows:
+            values.setdefault((r["method"], r["mask"], r["update"], r["pattern"]), set()).add(r[key])
+        if any(len(v) > 1 for v in values.values()):
+            varying.add(key)
+    return varying
+
+
+def _shown(rows: list[dict]) -> list[str]:
+    """The metrics at least one run has."""
+    return [k for k in METRICS if any(not _missing(r[k]) for r in rows)]
+
+
+def _missing(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def markdown(rows: list[dict]) -> str:
-    """One Markdown table per metric: methods down, sparsity patterns across."""
+    """One Markdown table per metric: methods down (and the dense model, when all runs share it),
+    sparsity patterns across."""
     patterns = sorted({r["pattern"] for r in rows}, key=_pattern_key)
-    methods = sorted({_label(r) for r in rows})
-    cell = {(_label(r), r["pattern"], k): r[k] for r in rows for k in METRICS}
+    varying = _varying(rows)
+    labels = sorted({_label(r, varying) for r in rows})
     parts = []
-    for key, title in METRICS.items():
+    for key in _shown(rows):
+        cell = {(_label(r, varying), r["pattern"]): r[key] for r in rows}
         lines = [
-            f"### {title}",
+            f"### {METRICS[key]}",
             "",
             "| method | " + " | ".join(patterns) + " |",
             "|---" * (len(patterns) + 1) + "|",
         ]
-        for m in methods:
-            values = [cell.get((m, p, key)) for p in patterns]
-            lines.append(f"| {m} | " + " | ".join("" if v is None else f"{v:.4g}" for v in values) + " |")
+        dense = {r.get(f"dense/{key[5:]}", math.nan) for r in rows} if key.startswith("eval/") else set()
+        if len(dense) == 1 and not _missing(value := dense.pop()):
+            lines.append("| dense | " + " | ".join(f"{value:.4g}" for _ in patterns) + " |")
+        for label in labels:
+            values = [cell.get((label, p)) for p in patterns]
+            cells = ("" if v is None or _missing(v) else f"{v:.4g}" for v in values)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
-    dense = {(r["dense/fid"], r["dense/clip_score"]) for r in rows}
-    if len(dense) == 1:
-        fid, clip = dense.pop()
-        parts.insert(0, f"Dense model: FID {fid:.4g}, CLIP score {clip:.4g}.")
     return "\n\n".join(parts) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FID, CLIP score and mean layer loss per sparsity pattern, one line per method."""
+    """Quality metrics and mean layer loss per sparsity pattern, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     patterns = sorted({r["pattern"] for r in rows}, key=_pattern_key)
-    keys = ["eval/fid", "eval/clip_score", "layer_loss"]
+    varying = _varying(rows)
+    keys = [k for k in _shown(rows) if k.startswith("eval/") or k == "layer_loss"]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for method in sorted({_label(r) for r in rows}):
-            points = [(patterns.index(r["pattern"]), r[key]) for r in rows if _label(r) == method]
+        for method in sorted({_label(r, varying) for r in rows}):
+            points = [(patterns.index(r["pattern"]), r[key]) for r in rows if _label(r, varying) == method]
             xs, ys = zip(*sorted(points), strict=True)
             ax.plot(xs, ys, marker="o", label=method)
         ax.set_xticks(range(len(patterns)), patterns, rotation=30, ha="right")

@@ -45,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 prepare_eval_set(adapter, pipe, cfg.eval, cfg.model.max_sequence_length),
                 Scorer(cfg.eval, pipe.tokenizer),
             )
-            dense, reference, dense_metrics = dense_baseline(adapter, pipe, evalset, scorer, cfg)
+            dense, dense_metrics = dense_baseline(adapter, pipe, evalset, scorer, cfg)
             metrics |= {f"dense/{k}": v for k, v in dense_metrics.items()} | scorer.names()
         adapter.offload_text_encoders(pipe)
         cost_dense = _cost(adapter, pipe, cfg)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         _write_metrics(run_dir, metrics)
         if cfg.eval.kind != "none":  # 5. evaluate against the same prompts and seeds
             pruned = generate(adapter, pipe, evalset, cfg.eval, evalset.seeds, desc="pruned images")
-            metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts, reference).items()}
+            metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts).items()}
             n = min(cfg.eval.num_grid, len(evalset.prompts))
             save_image_grid(
                 run_dir / "samples.png", {"dense": dense[:n], "pruned": pruned[:n]}, evalset.prompts[:n]
@@ -110,6 +110,8 @@ def _prune(
         "prune/mask": pr.mask,
         "prune/update": update,
         "prune/pattern": _pattern_label(cfg.sparsity),
+        "prune/schedule": cfg.schedule.name,
+        "prune/num_packages": pr.num_packages,
         "prune/sparsity_target": pattern.target_sparsity,
         "prune/sparsity_achieved": 1 - kept / numel_before,
         "prune/num_layers": len(records),

@@ -1,4 +1,4 @@
-"""Prompt sources for calibration (and evaluation): the packaged tiny set, local files, HF datasets.
+"""Prompt sources for calibration (and evaluation): packaged sets, local files, HF datasets.
 
 Every source is a ``PromptSource`` in ``PROMPT_SOURCES``, found by name. ``load_prompts`` returns the
 first ``num_prompts`` prompts in source order, so a prompt set is fixed by (source, path, N).
@@ -35,7 +35,7 @@ class PromptQuery:
         path: File to read (``file`` source).
         column: Column (TSV/CSV/HF) or object key (JSON) holding the prompt; ``None`` picks a default.
         dataset: Hugging Face dataset name (``hf`` source).
-        split: Hugging Face dataset split (``hf`` source).
+        split: Hugging Face dataset split (``hf``); ``train`` or ``heldout`` (``digits``).
         group: Config group named in error messages.
     """
 
@@ -138,6 +138,21 @@ def _load_tiny(query: PromptQuery) -> list[str]:
     return tiny_prompts()
 
 
+def _load_digits(query: PromptQuery) -> list[str]:
+    """Loader for captions of the tiny digits model: ``split`` = ``train`` (calibration) or ``heldout``.
+
+    Both splits interleave the digits (0, 1, …, 9, 0, …) so that any prefix covers every digit;
+    ``heldout`` gives the captions of the held-out real images that ``eval=tiny`` compares with.
+    """
+    from obsdiff.models.digits_data import digits_captions
+
+    if query.split not in ("train", "heldout"):
+        raise PromptSourceError(
+            f"{query.group}.split={query.split!r} is invalid for source 'digits'; allowed: train, heldout"
+        )
+    return [caption.text for caption in digits_captions(query.split)]
+
+
 def _load_file(query: PromptQuery) -> list[str]:
     """Loader for a local ``.txt``, ``.tsv``, ``.csv`` or ``.json`` file (chosen by suffix)."""
     path = _resolve_path(query)
@@ -185,6 +200,7 @@ def _load_hf(query: PromptQuery) -> list[str]:
 
 PROMPT_SOURCES: dict[str, PromptSource] = {
     "tiny": PromptSource(_load_tiny),
+    "digits": PromptSource(_load_digits),
     "file": PromptSource(_load_file),
     "hf": PromptSource(_load_hf, check=_check_hf),
 }
@@ -208,7 +224,7 @@ def get_prompt_source(source: str, group: str = "calibration") -> PromptSource:
 def _take_first(prompts: list[str], query: PromptQuery, source: str) -> list[str]:
     """Return the first ``num_prompts`` prompts, or raise saying how many the source has."""
     if len(prompts) < query.num_prompts:
-        where = query.path or query.dataset or "packaged tiny prompts"
+        where = query.path or query.dataset or f"packaged {source} prompts"
         raise PromptSourceError(
             f"{query.group}.num_prompts={query.num_prompts}, but source {source!r} ({where}) "
             f"has only {len(prompts)} prompts"
@@ -241,7 +257,7 @@ def load_prompts(
         column: Column or JSON key with the prompts; defaults to ``Prompt``, ``caption``, ``text``
             (JSON: ``caption``, ``prompt``).
         dataset: Hugging Face dataset name for the ``hf`` source.
-        split: Hugging Face split for the ``hf`` source.
+        split: Hugging Face split (``hf``); ``train`` or ``heldout`` (``digits``).
         group: Config group named in error messages (``calibration`` or ``eval``).
 
     Returns:
@@ -272,7 +288,7 @@ def check_prompt_source(
         path: Prompt file for the ``file`` source.
         column: Column or JSON key with the prompts.
         dataset: Hugging Face dataset name for the ``hf`` source.
-        split: Hugging Face split for the ``hf`` source.
+        split: Hugging Face split (``hf``); ``train`` or ``heldout`` (``digits``).
         group: Config group named in error messages (``calibration`` or ``eval``).
     """
     query = PromptQuery(num_prompts, path, column, dataset, split, group)

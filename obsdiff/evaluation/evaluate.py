@@ -1,4 +1,4 @@
-"""Generate images from pre-encoded prompts and score them (FID, CLIP score).
+"""Generate images from pre-encoded prompts and score them (FID, CLIP score, prompt accuracy).
 
 Dense results are cached per model + eval config, so a sweep generates them once.
 """
@@ -6,6 +6,7 @@ Dense results are cached per model + eval config, so a sweep generates them once
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.evaluation.clip import clip_score, load_clip, tiny_clip
-from obsdiff.evaluation.fid import fid, get_feature_net
+from obsdiff.evaluation.fid import FidReference, get_feature_net, image_features
 from obsdiff.models.base import ModelAdapter, slice_embeds
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -77,8 +78,52 @@ def load_image_folder(folder: str | Path, limit: int, resolution: int) -> torch.
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255  # (N, 3, R, R)
 
 
+def heldout_digits(count: int, resolution: int) -> torch.Tensor:
+    """All 500 held-out real digits of the embedded model's data, whatever ``count`` prompts are scored."""
+    from obsdiff.models.digits_data import heldout_set
+
+    images, _ = heldout_set()
+    if images.shape[-1] != resolution:
+        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear")
+    return images.clamp(0, 1)
+
+
+# Real reference sets by name (``eval.real_images``); ``eval.reference_dir`` reads a folder instead.
+REAL_IMAGES: dict[str, Callable[[int, int], torch.Tensor]] = {"digits_heldout": heldout_digits}
+
+
+def _digits_classifier() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
+    from obsdiff.evaluation.digits_classifier import load_digits_classifier, prompt_accuracy
+
+    classifier = load_digits_classifier()
+    return lambda images, prompts: prompt_accuracy(images, prompts, classifier)
+
+
+# Prompt judges by name (``eval.prompt_judge``): build a scorer ``(images, prompts) -> {part: fraction}``
+# whose ``all`` part is the fraction of images that show everything their prompt asks for.
+PROMPT_JUDGES: dict[str, tuple[str, Callable[[], Callable]]] = {
+    "digits_classifier": (
+        "digits classifier: digit, foreground and background all as prompted "
+        "(the tiny model's stand-in for CLIP score)",
+        _digits_classifier,
+    ),
+}
+
+
+def load_real_images(ecfg: Any, count: int) -> torch.Tensor | None:
+    """The eval's real images (``reference_dir`` or ``real_images``), or ``None`` if it has none."""
+    if ecfg.reference_dir:
+        return load_image_folder(ecfg.reference_dir, count, ecfg.resolution)
+    if ecfg.get("real_images"):
+        return REAL_IMAGES[ecfg.real_images](count, ecfg.resolution)
+    return None
+
+
 class Scorer:
-    """FID against a reference set and CLIP score, with injectable networks from config.
+    """FID to real images and to the dense model, CLIP score and prompt accuracy, from config.
+
+    ``fid`` is the FID to real images when the eval has them, else to the dense model (other
+    seeds); ``fid_real`` and ``fid_dense`` name their reference. Every network is built once.
 
     Args:
         ecfg: the ``eval`` config.
@@ -88,52 +133,107 @@ class Scorer:
     def __init__(self, ecfg: Any, tokenizer: Any = None) -> None:
         self.ecfg = ecfg
         self.feature_net = get_feature_net(ecfg.feature_net, ecfg.feature_weights)
+        self.fid_real: FidReference | None = None
+        self.fid_dense: FidReference | None = None
+        self.clip, self.clip_name = None, None
         if ecfg.clip_model == "tiny":
             self.clip = lambda: tiny_clip(tokenizer, image_size=ecfg.resolution)
             self.clip_name = "tiny random CLIP (plumbing check, not a quality number)"
-        else:
+        elif ecfg.clip_model:
             self.clip = lambda: load_clip(ecfg.clip_model)
             self.clip_name = ecfg.clip_model
+        self.judge_name, self.judge = None, None
+        if ecfg.get("prompt_judge"):
+            self.judge_name, build_judge = PROMPT_JUDGES[ecfg.prompt_judge]
+            self.judge = build_judge()
+
+    def set_references(self, real: FidReference | None, dense: FidReference | None) -> None:
+        """The reference statistics every later :meth:`score` compares with (``None``: no such FID)."""
+        self.fid_real, self.fid_dense = real, dense
 
     def names(self) -> dict[str, str]:
-        reference = self.ecfg.reference_dir or f"dense model, seeds from {self.ecfg.reference_seed}"
-        return {
-            "eval/fid_feature_net": self.ecfg.feature_net,
-            "eval/fid_reference": str(reference),
-            "eval/clip_network": self.clip_name,
-        }
+        ecfg = self.ecfg
+        real = ecfg.reference_dir or ecfg.get("real_images")
+        dense = f"dense model, seeds from {ecfg.reference_seed}"
+        names = {"eval/fid_feature_net": ecfg.feature_net, "eval/fid_reference": str(real or dense)}
+        if self.clip_name:
+            names["eval/clip_network"] = self.clip_name
+        if self.judge_name:
+            names["eval/prompt_judge"] = self.judge_name
+        return names
 
-    def score(self, images: torch.Tensor, prompts: list[str], reference: torch.Tensor) -> dict[str, float]:
-        return {
-            "fid": fid(reference, images, self.feature_net),
-            "clip_score": clip_score(images, prompts, self.clip),
-        }
+    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        features = image_features(images, self.feature_net)  # one pass for both references
+        if self.fid_real is not None:
+            metrics["fid_real"] = self.fid_real.fid(features)
+        if self.fid_dense is not None:
+            metrics["fid_dense"] = self.fid_dense.fid(features)
+        metrics["fid"] = metrics["fid_real"] if "fid_real" in metrics else metrics["fid_dense"]
+        if self.clip is not None:
+            metrics["clip_score"] = clip_score(images, prompts, self.clip)
+        if self.judge is not None:
+            parts = self.judge(images, prompts)
+            metrics["prompt_accuracy"] = parts.pop("all")
+            metrics |= {f"prompt_accuracy_{part}": value for part, value in parts.items()}
+        return metrics
+
+
+def real_reference(
+    ecfg: Any, count: int, feature_net: torch.nn.Module, cache_dir: str
+) -> FidReference | None:
+    """Feature statistics of the eval's real images (``None`` if it has none), cached on disk per
+    image set, resolution and feature network, so a sweep computes them once."""
+    from obsdiff.artifacts import config_hash, library_versions
+
+    if not ecfg.reference_dir and not ecfg.get("real_images"):
+        return None
+    what = {
+        "images": ecfg.reference_dir or ecfg.real_images,
+        "count": count if ecfg.reference_dir else "all",
+        **{k: ecfg[k] for k in ("resolution", "feature_net", "feature_weights")},
+        "versions": library_versions(),
+    }
+    path = Path(cache_dir) / "fid_reference" / f"{config_hash(OmegaConf.create(what))}.safetensors"
+    if path.exists():
+        stats = load_file(str(path))
+        return FidReference(stats["mean"], stats["cov"])
+    reference = FidReference.from_images(load_real_images(ecfg, count), feature_net)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"mean": reference.mean, "cov": reference.cov}, str(path))
+    return reference
 
 
 def dense_baseline(
     adapter: ModelAdapter, pipe: Any, evalset: EvalSet, scorer: Scorer, cfg: Any
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Dense images, reference images and dense metrics, cached under ``cfg.cache_dir``."""
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dense images and metrics; sets the scorer's references. Dense generations and reference
+    statistics are cached under ``cfg.cache_dir`` per model + eval config, so a sweep makes them once."""
     from obsdiff.artifacts import config_hash, library_versions
 
+    ecfg = cfg.eval
+    real = real_reference(ecfg, len(evalset.prompts), scorer.feature_net, cfg.cache_dir)
+    if real is None and ecfg.reference_seed is None:
+        raise ValueError("eval has no reference: set eval.reference_dir, real_images or reference_seed")
     key = config_hash(
         OmegaConf.create({"model": cfg.model, "eval": cfg.eval, "versions": library_versions()})
     )
     cache = Path(cfg.cache_dir) / "dense" / f"{cfg.model.name}-{key}"
     if (cache / "metrics.json").exists():
         tensors = load_file(str(cache / "images.safetensors"))
-        return tensors["dense"], tensors["reference"], json.loads((cache / "metrics.json").read_text())
-    ecfg = cfg.eval
+        dense_ref = FidReference(tensors["ref_mean"], tensors["ref_cov"]) if "ref_mean" in tensors else None
+        scorer.set_references(real, dense_ref)
+        return tensors["dense"], json.loads((cache / "metrics.json").read_text())
     dense = generate(adapter, pipe, evalset, ecfg, evalset.seeds, desc="dense images")
-    if ecfg.reference_dir:
-        reference = load_image_folder(ecfg.reference_dir, len(evalset.prompts), ecfg.resolution)
-    else:
+    tensors, dense_ref = {"dense": dense.contiguous()}, None
+    if ecfg.reference_seed is not None:
         ref_seeds = [ecfg.reference_seed + i for i in range(len(evalset.prompts))]
         reference = generate(adapter, pipe, evalset, ecfg, ref_seeds, desc="reference images")
-    metrics = scorer.score(dense, evalset.prompts, reference)
+        dense_ref = FidReference.from_images(reference, scorer.feature_net)
+        tensors |= {"ref_mean": dense_ref.mean, "ref_cov": dense_ref.cov}
+    scorer.set_references(real, dense_ref)
+    metrics = scorer.score(dense, evalset.prompts)
     cache.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"dense": dense.contiguous(), "reference": reference.contiguous()}, str(cache / "images.safetensors")
-    )
+    save_file(tensors, str(cache / "images.safetensors"))
     (cache / "metrics.json").write_text(json.dumps(metrics))
-    return dense, reference, metrics
+    return dense, metrics

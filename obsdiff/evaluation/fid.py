@@ -6,12 +6,15 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.fid import NoTrainInceptionV3, _compute_fid
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from obsdiff.evaluation.features import load_efficientnet_lite0
 
 INCEPTION_FEATURES = 2048
+# Images per feature-network call: on CPU, EfficientNet-Lite0 at 224² ran 2.3x faster per image in
+# batches of 8 than of 64 (activations stay in cache).
+FEATURE_BATCH = 8
 
 
 class UnitRangeInception(nn.Module):
@@ -99,7 +102,51 @@ def _check_images(images: Tensor, side: str) -> None:
         raise ValueError(f"FID needs at least 2 {side} images (a covariance), got {images.shape[0]}")
 
 
-def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 64) -> float:
+@torch.no_grad()
+def image_features(images: Tensor, feature_net: nn.Module, batch_size: int = FEATURE_BATCH) -> Tensor:
+    """Feature vectors (N, D), float64 on the CPU, of float images (N, 3, H, W) in [0, 1]."""
+    device = next(feature_net.parameters(), torch.empty(0)).device
+    return torch.cat([feature_net(batch.to(device)).double().cpu() for batch in images.split(batch_size)])
+
+
+class FidReference:
+    """The feature statistics (mean, covariance) of a reference set, for FID to any image set.
+
+    Build it from images (:meth:`from_images`) or saved statistics (``FidReference(mean, cov)``);
+    :meth:`fid` takes the other set's features, so one feature pass serves several references.
+    The statistics and the distance are torchmetrics' ``FrechetInceptionDistance`` (float64).
+
+    Args:
+        mean: Feature mean (D,).
+        cov: Feature covariance (D, D), unbiased.
+    """
+
+    def __init__(self, mean: Tensor, cov: Tensor) -> None:
+        self.mean, self.cov = mean.double(), cov.double()
+
+    @classmethod
+    def from_features(cls, features: Tensor) -> FidReference:
+        """Statistics of features (N >= 2, D)."""
+        features = features.double()
+        mean = features.mean(0)
+        centred = features - mean
+        return cls(mean, centred.T @ centred / (features.shape[0] - 1))
+
+    @classmethod
+    def from_images(
+        cls, images: Tensor, feature_net: nn.Module, batch_size: int = FEATURE_BATCH
+    ) -> FidReference:
+        """Statistics of float images (N >= 2, 3, H, W) in [0, 1]."""
+        _check_images(images, "real")
+        return cls.from_features(image_features(images, feature_net, batch_size))
+
+    def fid(self, features: Tensor) -> float:
+        """FID between this reference and a set of features (N >= 2, D) (lower is closer)."""
+        other = FidReference.from_features(features)
+        return float(_compute_fid(self.mean, self.cov, other.mean, other.cov))
+
+
+def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = FEATURE_BATCH) -> float:
     """Fréchet distance between the feature statistics of two image sets.
 
     Args:
@@ -111,11 +158,6 @@ def fid(real: Tensor, fake: Tensor, feature_net: nn.Module, batch_size: int = 64
     Returns:
         The FID value (lower is closer).
     """
-    _check_images(real, "real")
     _check_images(fake, "fake")
-    device = next(feature_net.parameters(), torch.empty(0)).device
-    metric = FrechetInceptionDistance(feature=feature_net, normalize=True).to(device)
-    for images, is_real in ((real, True), (fake, False)):
-        for batch in images.split(batch_size):
-            metric.update(batch.to(device), real=is_real)
-    return float(metric.compute())
+    reference = FidReference.from_images(real, feature_net, batch_size)
+    return reference.fid(image_features(fake, feature_net, batch_size))

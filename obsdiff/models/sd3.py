@@ -22,6 +22,8 @@ from obsdiff.models.base import (
 )
 
 TINY_CONFIG = Path(__file__).with_name("tiny_sd3.json")
+# Trained pipelines shipped in the package, by the name ``model.path`` gives them.
+EMBEDDED = {"tiny_digits": Path(__file__).with_name("tiny_digits")}
 
 # METHOD.md §5: every linear layer of attention and FFN in a joint transformer block.
 SD3_TARGETS = (
@@ -49,6 +51,11 @@ HEAD_OUTPUTS = ("attn.to_out.0", "attn.to_add_out")
 HEAD_INPUTS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
+def local_path(path: str) -> str:
+    """The packaged folder of an embedded model's name (``tiny_digits``); any other path unchanged."""
+    return str(EMBEDDED[path]) if path in EMBEDDED else path
+
+
 class SD3Adapter(ModelAdapter):
     """``StableDiffusion3Pipeline`` + ``SD3Transformer2DModel`` (SD3-Medium, SD3.5, the tiny model)."""
 
@@ -61,7 +68,8 @@ class SD3Adapter(ModelAdapter):
         from diffusers import SD3Transformer2DModel
 
         try:
-            return dict(SD3Transformer2DModel.load_config(model_cfg.path, subfolder="transformer"))
+            config = SD3Transformer2DModel.load_config(local_path(model_cfg.path), subfolder="transformer")
+            return dict(config)
         except (OSError, ValueError) as err:
             raise self._not_available(model_cfg.path, err) from err
 
@@ -93,7 +101,7 @@ class SD3Adapter(ModelAdapter):
             if model_cfg.text_encoder_3 is None:
                 kwargs.update(text_encoder_3=None, tokenizer_3=None)
             try:
-                pipe = StableDiffusion3Pipeline.from_pretrained(model_cfg.path, **kwargs)
+                pipe = StableDiffusion3Pipeline.from_pretrained(local_path(model_cfg.path), **kwargs)
             except OSError as err:
                 raise self._not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)

@@ -25,7 +25,22 @@ def write(path: Path, text: str) -> str:
 
 
 def test_registry_names() -> None:
-    assert set(PROMPT_SOURCES) == {"tiny", "file", "hf"}
+    assert set(PROMPT_SOURCES) == {"tiny", "digits", "file", "hf"}
+
+
+def test_digits_captions_interleave_digits_and_keep_the_splits_apart() -> None:
+    from obsdiff.models.digits_data import heldout_set, parse_caption
+
+    train = load_prompts("digits", 1000)
+    heldout = load_prompts("digits", 500, split="heldout", group="eval")
+    assert [parse_caption(p).digit for p in train[:20]] == list(range(10)) * 2
+    assert [parse_caption(p).digit for p in heldout[:20]] == list(range(10)) * 2
+    assert sorted(heldout) == sorted(c.text for c in heldout_set()[1])  # the held-out images' captions
+    assert load_prompts("digits", 3) == train[:3]
+    with pytest.raises(PromptSourceError, match="has only 500 prompts"):
+        load_prompts("digits", 501, split="heldout", group="eval")
+    with pytest.raises(PromptSourceError, match="eval.split='test'.*train, heldout"):
+        load_prompts("digits", 5, split="test", group="eval")
 
 
 def test_tiny_prompts_are_packaged_and_ordered() -> None:
@@ -105,7 +120,9 @@ def test_num_prompts_must_be_positive(num_prompts: int) -> None:
 
 
 def test_unknown_source_lists_known() -> None:
-    with pytest.raises(PromptSourceError, match=r"calibration\.source='coco'.*\['file', 'hf', 'tiny'\]"):
+    with pytest.raises(
+        PromptSourceError, match=r"calibration\.source='coco'.*\['digits', 'file', 'hf', 'tiny'\]"
+    ):
         load_prompts("coco", 1)
 
 

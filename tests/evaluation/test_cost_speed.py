@@ -88,7 +88,7 @@ def test_cli_random_tiny_writes_a_cpu_record(tmp_path):
 def test_artifact_mode_times_pruned_and_dense_pipelines(tiny_pipe, compose_cfg, tmp_path, one_thread):
     adapter, pipe = tiny_pipe
     adapter.reshape(pipe.transformer, HALF_BLOCK_1)  # structured shape; weights don't matter here
-    cfg = compose_cfg("logger=none", "sparsity=structured", "sparsity.ratio=0.5")
+    cfg = compose_cfg("model=tiny_sd3", "logger=none", "sparsity=structured", "sparsity.ratio=0.5")
     structure = {"architecture": adapter.architecture(pipe.transformer)}
     save_pruned(tmp_path / "pruned", pipe.transformer, cfg, extra={"structure": structure})
     out = tmp_path / "speed.jsonl"

@@ -61,7 +61,7 @@ def test_paper_experiments_carry_the_paper_settings(compose_cfg):
 def test_defaults_are_the_method(compose_cfg):
     cfg = compose_cfg()
     assert (cfg.model.name, cfg.pruner.name, cfg.sparsity.kind, cfg.sparsity.ratio) == (
-        "tiny_sd3",
+        "tiny_digits",
         "obs_diff",
         "unstructured",
         0.5,
@@ -86,13 +86,18 @@ BAD = [
     (["schedule.alpha_min=1.5"], "alpha_min"),
     (["schedule.alpha_min=-1"], "alpha_min"),
     (["calibration=file", "calibration.path=/nonexistent/prompts.txt"], "calibration.path"),
-    (["calibration.num_prompts=1000"], "calibration.num_prompts"),
+    (["calibration.num_prompts=1001"], "calibration.num_prompts"),
+    (["calibration.split=test"], "calibration.split"),
     (["pruner.blocks=[7]"], "pruner.blocks"),
     (["pruner.targets=[attn.to_x]"], "pruner.targets"),
     (["model.family=flux"], "flux"),
     (["eval.reference_dir=/nonexistent/images"], "eval.reference_dir"),
     (["eval.feature_net=vgg"], "eval.feature_net"),
-    (["eval=tiny", "eval.num_prompts=1000"], "eval.num_prompts"),
+    (["eval=tiny", "eval.num_prompts=501"], "eval.num_prompts"),
+    (["eval.prompt_judge=gpt"], "eval.prompt_judge"),
+    (["eval.source=tiny"], "eval.prompt_judge"),
+    (["eval.real_images=imagenet"], "eval.real_images"),
+    (["eval.real_images=null", "eval.reference_seed=null"], "eval.reference_seed"),
 ]
 
 

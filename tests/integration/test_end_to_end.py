@@ -36,11 +36,26 @@ def test_default_run_fulfils_the_run_contract(cli, tmp_path):
         "eval/fid_feature_net",
         "eval/clip_network",
         "versions/torch",
+        "eval/prompt_accuracy",
+        "eval/fid_real",
+        "eval/fid_dense",
+        "dense/prompt_accuracy",
+        "dense/fid_real",
+        "dense/fid_dense",
+        "eval/prompt_judge",
     ):
         assert key in metrics, key  # fmt: skip
     assert metrics["prune/sparsity_target"] == 0.5
     assert abs(metrics["prune/sparsity_achieved"] - 0.5) < 0.005
     assert "plumbing check" in metrics["eval/clip_network"]
+    assert "stand-in for CLIP score" in metrics["eval/prompt_judge"]
+    assert (
+        metrics["eval/fid_reference"] == "digits_heldout" and metrics["eval/fid"] == metrics["eval/fid_real"]
+    )
+    # the trained model follows its prompts; the dense model is its own FID floor
+    assert metrics["dense/prompt_accuracy"] >= 0.5
+    assert 0 <= metrics["eval/prompt_accuracy"] <= 1
+    assert metrics["dense/fid_dense"] < metrics["dense/fid_real"]
     rows = list(csv.DictReader((out / "layers.csv").open()))
     assert len(rows) == metrics["prune/num_layers"] == 45  # 4 blocks, last one context_pre_only
     assert {"name", "rows", "cols", "package", "sparsity", "damp_frac", "loss"} <= set(rows[0])
@@ -134,14 +149,14 @@ def test_reload_gives_identical_images(tiny_pipe, compose_cfg, tmp_path):
         return adapter.denoise(p, embeds, gens, 4, 7.0, 32, output_type="pt")
 
     before = images(pipe)
-    save_pruned(tmp_path / "pruned", pipe.transformer, compose_cfg("logger=none"))
+    save_pruned(tmp_path / "pruned", pipe.transformer, compose_cfg("model=tiny_sd3", "logger=none"))
     reloaded = load_pruned(tmp_path / "pruned")
     assert torch.equal(images(reloaded), before)
 
 
 def test_mismatched_manifest_is_refused(tiny_pipe, compose_cfg, tmp_path):
     adapter, pipe = tiny_pipe
-    save_pruned(tmp_path / "pruned", pipe.transformer, compose_cfg("logger=none"))
+    save_pruned(tmp_path / "pruned", pipe.transformer, compose_cfg("model=tiny_sd3", "logger=none"))
     manifest_path = tmp_path / "pruned" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["denoiser_config"]["num_layers"] = 24

@@ -116,7 +116,7 @@ def test_save_load_round_trip_gives_identical_images(tiny_pipe, compose_cfg, tmp
 
     before = images(pipe)
     structure = {"architecture": adapter.architecture(pipe.transformer), "removed": removed}
-    cfg = compose_cfg("logger=none", "sparsity=structured", "sparsity.ratio=0.5")
+    cfg = compose_cfg("model=tiny_sd3", "logger=none", "sparsity=structured", "sparsity.ratio=0.5")
     save_pruned(tmp_path / "pruned", pipe.transformer, cfg, extra={"structure": structure})
     manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
     assert manifest["structure"]["architecture"]["1"] == {"heads": 2, "ff": 128, "ff_context": 128}
@@ -129,7 +129,8 @@ def test_save_load_round_trip_gives_identical_images(tiny_pipe, compose_cfg, tmp
 def test_structured_artifact_refuses_an_already_pruned_base(tiny_pipe, compose_cfg, tmp_path):
     adapter, pipe = tiny_pipe
     prune_structured(adapter, pipe, calibration(adapter, pipe, steps=2), HALF, 1, [1])
-    save_pruned(tmp_path / "pruned", pipe.transformer, compose_cfg("logger=none", "sparsity=structured"),
+    cfg = compose_cfg("model=tiny_sd3", "logger=none", "sparsity=structured")
+    save_pruned(tmp_path / "pruned", pipe.transformer, cfg,
                 extra={"structure": {"architecture": adapter.architecture(pipe.transformer)}})  # fmt: skip
     with pytest.raises(ArtifactMismatchError, match="already pruned"):
         load_pruned(tmp_path / "pruned", pipeline=pipe)

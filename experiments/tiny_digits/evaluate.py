@@ -1,0 +1,149 @@
+"""Stage 4: score the trained pipeline (prompt accuracy, FID to real digits, speed) and draw samples.png.
+
+Generated images use held-out-style prompts: the captions of the 500 held-out digits (their colours
+and templates drawn with the held-out seed), one seed per prompt. FID uses obsdiff's
+EfficientNet-Lite0 features; the real-vs-real references bound what FID can show at these sizes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+
+from obsdiff.evaluation.digits_classifier import DigitsClassifier, prompt_accuracy
+from obsdiff.evaluation.features import load_efficientnet_lite0
+from obsdiff.evaluation.fid import fid
+from obsdiff.models.digits_data import COLOURS, heldout_set, make_caption, render, split_indices
+
+GRID_COLOURS = ((1, 0), (0, 1), (5, 4), (2, 6), (3, 7), (4, 5), (7, 3), (6, 2))  # (fg, bg) per column
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusion3Pipeline,
+    prompts: list[str],
+    seeds: list[int],
+    num_steps: int = 10,
+    guidance_scale: float = 5.0,
+    max_sequence_length: int = 1,
+    batch_size: int = 50,
+) -> torch.Tensor:
+    """Images (N, 3, 32, 32) in [0, 1] from the stock ``__call__``, one generator per prompt.
+
+    Args:
+        pipe: The pipeline.
+        prompts: One prompt per image.
+        seeds: One seed per image (results do not depend on ``batch_size``).
+        num_steps: Sampler steps.
+        guidance_scale: Classifier-free guidance scale.
+        max_sequence_length: Zero "T5" tokens appended to the CLIP tokens (256 is the pipeline default).
+        batch_size: Prompts per call.
+    """
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start:stop]]
+        out = pipe(
+            prompts[start:stop],
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
+            height=32,
+            width=32,
+            generator=generators,
+            max_sequence_length=max_sequence_length,
+            output_type="pt",
+        )
+        images.append(out.images.float().clamp(0, 1))
+    return torch.cat(images)
+
+
+def sample_grid(pipe: StableDiffusion3Pipeline, path: str, seed: int = 0, **kwargs) -> None:
+    """Saves a 10 × 8 grid (rows: digits 0–9; columns: fixed fg/bg pairs and templates), 2× upscaled."""
+    prompts = [
+        make_caption(digit, fg, bg, template=(digit + column) % 8).text
+        for digit in range(10)
+        for column, (fg, bg) in enumerate(GRID_COLOURS)
+    ]
+    images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], **kwargs)
+    grid = images.view(10, 8, 3, 32, 32).permute(0, 3, 1, 4, 2).reshape(320, 256, 3)  # (rows·H, cols·W, 3)
+    picture = Image.fromarray((grid * 255).round().byte().numpy())
+    picture.resize((512, 640), Image.NEAREST).save(path)
+
+
+def real_train_sample(count: int, seed: int = 77) -> torch.Tensor:
+    """``count`` training digits with random colours: a same-size real reference for FID."""
+    from obsdiff.models.digits_data import load_mnist
+
+    images, _ = load_mnist()
+    generator = torch.Generator().manual_seed(seed)
+    index = split_indices("train")[torch.randperm(len(split_indices("train")), generator=generator)[:count]]
+    fg = torch.randint(len(COLOURS), (count,), generator=generator)
+    bg = (fg + torch.randint(1, len(COLOURS), (count,), generator=generator)) % len(COLOURS)
+    return render(images[index], fg, bg)
+
+
+def generation_seconds(pipe: StableDiffusion3Pipeline, repeats: int = 3, **kwargs) -> float:
+    """Best wall time of generating 8 images × 10 steps (CFG, one call)."""
+    prompts = [make_caption(d, 1, 0).text for d in range(8)]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(pipe, prompts, list(range(8)), batch_size=8, **kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def evaluate(pipe: StableDiffusion3Pipeline, classifier: DigitsClassifier, guidance_scale: float) -> dict:
+    """All numbers of the README: prompt accuracy (1 and 256 zero tokens), FIDs, speed.
+
+    Args:
+        pipe: The trained pipeline.
+        classifier: The trained digits classifier.
+        guidance_scale: CFG scale of the generations.
+    """
+    real, captions = heldout_set()
+    prompts = [c.text for c in captions]
+    seeds = list(range(len(prompts)))
+    fake = generate(pipe, prompts, seeds, guidance_scale=guidance_scale)
+    fake_long = generate(
+        pipe, prompts[::5], seeds[::5], guidance_scale=guidance_scale, max_sequence_length=256
+    )
+    features = load_efficientnet_lite0()
+    train_real = real_train_sample(len(real))
+    with torch.no_grad():
+        vae = pipe.vae
+        recon = (vae.decode(vae.encode(real * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    metrics = {
+        "guidance_scale": guidance_scale,
+        "num_steps": 10,
+        "accuracy_real_heldout": prompt_accuracy(real, prompts, classifier),
+        "accuracy_generated": prompt_accuracy(fake, prompts, classifier),
+        "accuracy_generated_max_seq_256": prompt_accuracy(fake_long, prompts[::5], classifier),
+        "fid_generated_vs_heldout_500": fid(real, fake, features),
+        "fid_real_halves_250": fid(real[0::2], real[1::2], features),
+        "fid_real_train_vs_heldout_500": fid(real, train_real, features),
+        "fid_vae_reconstruction_vs_heldout_500": fid(real, recon, features),
+        "vae_reconstruction_mse": (recon - real).square().mean().item(),
+        "seconds_8_images_10_steps": generation_seconds(pipe, guidance_scale=guidance_scale),
+        "seconds_8_images_10_steps_max_seq_256": generation_seconds(
+            pipe, guidance_scale=guidance_scale, max_sequence_length=256
+        ),
+    }
+    return metrics
+
+
+def guidance_sweep(pipe: StableDiffusion3Pipeline, classifier: DigitsClassifier, scales: list[float]) -> dict:
+    """Prompt accuracy of 200 training-style prompts per guidance scale (validation, not held-out)."""
+    from obsdiff.models.digits_data import random_captions
+
+    generator = torch.Generator().manual_seed(99)
+    captions = random_captions(torch.arange(200) % 10, generator)
+    prompts = [c.text for c in captions]
+    seeds = [10_000 + i for i in range(len(prompts))]
+    return {
+        str(scale): prompt_accuracy(generate(pipe, prompts, seeds, guidance_scale=scale), prompts, classifier)
+        for scale in scales
+    }

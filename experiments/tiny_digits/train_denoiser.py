@@ -1,0 +1,176 @@
+"""Stage 2: train the MMDiT denoiser jointly with both CLIP text encoders (rectified flow, as SD3).
+
+Objective (SD3, Esser et al. 2024, eq. 1 with the rectified-flow path): ``x_t = (1 − t)·x_0 + t·ε``
+with ``t`` logit-normal(0, 1), the network predicts the velocity ``v = ε − x_0`` from ``x_t`` and
+``timestep = 1000·t`` (the pipeline's ``FlowMatchEulerDiscreteScheduler`` then integrates
+``x ← x + (σ_next − σ)·v``). Captions go through the pipeline's own ``encode_prompt`` (with
+gradients), so training and sampling share one text path; 10 % of captions are replaced by the
+empty prompt, the pipeline's negative prompt, for classifier-free guidance.
+
+Without T5 the pipeline appends ``max_sequence_length`` identical zero tokens (256 by default, 1
+in obsdiff's tiny configs); a fraction of the steps uses 256 so that both work.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+
+from experiments.tiny_digits.components import (
+    assemble,
+    new_text_encoder,
+    new_tokenizer,
+    new_transformer,
+)
+from experiments.tiny_digits.train_vae import lr_factor, train_batches
+
+
+@dataclass
+class DenoiserSettings:
+    """Optimisation settings of the denoiser stage."""
+
+    steps: int = 3500
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    long_context_prob: float = 0.05  # steps with 256 zero "T5" tokens instead of 1
+    ema_decay: float = 0.998
+    seed: int = 0
+
+
+class Ema:
+    """Exponential moving average of parameters, with the usual ``(1 + n) / (10 + n)`` warm-up."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        """Copies the modules' parameters as the initial average.
+
+        Args:
+            modules: Modules whose parameters are averaged.
+            decay: The asymptotic decay.
+        """
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Moves the average towards the current parameters."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, modules: list[torch.nn.Module]) -> None:
+        """Writes the average into modules shaped like the averaged ones."""
+        params = [p for m in modules for p in m.parameters()]
+        for target, average in zip(params, self.shadow, strict=True):
+            target.copy_(average)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Normalised latents ``(z − shift)·scale`` of [0, 1] images (B, 4, 8, 8), the pipeline's inverse."""
+    latents = vae.encode(images * 2 - 1).latent_dist.sample(generator)
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def flow_loss(
+    pipe: StableDiffusion3Pipeline, z0: torch.Tensor, texts: list[str], max_sequence_length: int, generator
+) -> torch.Tensor:
+    """Rectified-flow velocity loss of one batch (mean squared error on ``ε − x_0``)."""
+    batch = z0.shape[0]
+    t = torch.sigmoid(torch.randn(batch, generator=generator))  # logit-normal(0, 1)
+    noise = torch.randn(z0.shape, generator=generator)
+    t_ = t[:, None, None, None]
+    x_t = (1 - t_) * z0 + t_ * noise
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=texts,
+        prompt_2=None,
+        prompt_3=None,
+        device=torch.device("cpu"),
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )
+    velocity = pipe.transformer(
+        hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=t * 1000
+    ).sample
+    return (velocity - (noise - z0)).square().mean()
+
+
+def train_denoiser(
+    vae: AutoencoderKL,
+    settings: DenoiserSettings,
+    log_every: int = 100,
+    start: StableDiffusion3Pipeline | None = None,
+    snapshot_every: int = 0,
+    snapshot_dir: Path | None = None,
+):
+    """Trains the transformer and both text encoders; returns the pipeline with averaged weights.
+
+    Args:
+        vae: The trained VAE (frozen), with latent normalisation set.
+        settings: Steps, batch size, learning rate, dropout, EMA, seed.
+        log_every: Print the running loss every this many steps.
+        start: Continue from this pipeline's transformer, text encoders and tokenizer (the
+            ``refine`` stage) instead of fresh ones.
+        snapshot_every: Save the averaged weights every this many steps (0: never) ...
+        snapshot_dir: ... as ``snapshot_dir/step<N>`` (diffusers folders).
+
+    Returns:
+        A ``StableDiffusion3Pipeline`` holding the EMA weights, in eval mode.
+    """
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    if start is None:
+        tokenizer = new_tokenizer()
+        text_encoders = (
+            new_text_encoder(tokenizer, settings.seed + 1),
+            new_text_encoder(tokenizer, settings.seed + 2),
+        )
+        transformer = new_transformer(settings.seed + 3)
+    else:
+        tokenizer, text_encoders = start.tokenizer, (start.text_encoder, start.text_encoder_2)
+        transformer = start.transformer
+    pipe = assemble(vae.requires_grad_(False), transformer, text_encoders, tokenizer)
+    trained = [pipe.transformer.train(), *(encoder.train() for encoder in text_encoders)]
+    params = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=settings.weight_decay
+    )
+    ema = Ema(trained, settings.ema_decay)
+    batches = train_batches(settings.batch_size, generator)
+    start, running = time.time(), 0.0
+    for step in range(settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup)
+        images, captions = next(batches)
+        keep = torch.rand(len(captions), generator=generator) >= settings.caption_dropout
+        texts = [c.text if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+        long_context = torch.rand((), generator=generator).item() < settings.long_context_prob
+        z0 = encode_latents(vae, images, generator)
+        loss = flow_loss(pipe, z0, texts, 256 if long_context else 1, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        ema.update()
+        running += loss.item()
+        if (step + 1) % log_every == 0:
+            elapsed = time.time() - start
+            print(f"denoiser step {step + 1}/{settings.steps} loss {running / log_every:.4f} {elapsed:.0f}s")
+            running = 0.0
+        if snapshot_every and (step + 1) % snapshot_every == 0:
+            snapshot = copy.deepcopy(pipe)
+            ema.copy_to([snapshot.transformer, snapshot.text_encoder, snapshot.text_encoder_2])
+            snapshot.save_pretrained(snapshot_dir / f"step{step + 1}")
+    ema.copy_to(trained)
+    for module in trained:
+        module.eval()
+    return pipe
