@@ -44,6 +44,23 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def files_fingerprint(*locations: str | Path) -> str:
+    """Short hash of every file under the given local paths (relative name, size, mtime).
+
+    Caches key on it, so that new weights or images at the same path never reuse stale results.
+    A location that is not a local path (a hub id) adds only its name.
+    """
+    entries = []
+    for location in locations:
+        path = Path(location)
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for file in (f for f in files if f.exists()):
+            name = file.relative_to(path) if path.is_dir() else file
+            entries.append(f"{name}:{file.stat().st_size}:{file.stat().st_mtime_ns}")
+        entries.append(str(location))
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:12]
+
+
 def _jsonable(config: Any) -> dict:
     return json.loads(json.dumps(dict(config), default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 

@@ -27,22 +27,31 @@ from experiments.tiny_digits.components import (
     new_tokenizer,
     new_transformer,
 )
-from experiments.tiny_digits.train_vae import lr_factor, train_batches
+from experiments.tiny_digits.train_vae import lr_factor
+from obsdiff.models.digits_data import (
+    TEMPLATES,
+    load_mnist,
+    make_caption,
+    random_captions,
+    render_captions,
+    split_indices,
+)
 
 
 @dataclass
 class DenoiserSettings:
     """Optimisation settings of the denoiser stage."""
 
-    steps: int = 3500
+    steps: int = 9000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
-    long_context_prob: float = 0.05  # steps with 256 zero "T5" tokens instead of 1
+    long_context_prob: float = 0.02  # steps with 256 zero "T5" tokens instead of 1
     ema_decay: float = 0.998
+    latent_copies: int = 8  # colourings per training digit, encoded once (see LatentPool)
     seed: int = 0
 
 
@@ -75,11 +84,48 @@ class Ema:
             target.copy_(average)
 
 
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Normalised latents ``(z − shift)·scale`` of [0, 1] images (B, 4, 8, 8), the pipeline's inverse."""
-    latents = vae.encode(images * 2 - 1).latent_dist.sample(generator)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+class LatentPool:
+    """Training digits, each painted ``copies`` times and encoded once: batches skip the VAE encoder.
+
+    The posterior mean and standard deviation are kept, so every draw still takes a fresh latent
+    sample; the caption template is drawn anew for every draw.
+    """
+
+    @torch.no_grad()
+    def __init__(self, vae: AutoencoderKL, copies: int, generator: torch.Generator, chunk: int = 500):
+        """Encodes ``copies`` random colourings of every training digit.
+
+        Args:
+            vae: The trained VAE.
+            copies: Colourings per digit.
+            generator: The random source of colours.
+            chunk: Images per encoder call.
+        """
+        images, labels = load_mnist()
+        index = split_indices("train").repeat(copies)
+        self.captions = random_captions(labels[index], generator)
+        means, stds = [], []
+        for start in range(0, len(index), chunk):
+            stop = start + chunk
+            painted = render_captions(images[index[start:stop]], self.captions[start:stop])
+            posterior = vae.encode(painted * 2 - 1).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.shift, self.scale = vae.config.shift_factor, vae.config.scaling_factor
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        """Endless batches of normalised latent samples and their captions (template redrawn)."""
+        while True:
+            index = torch.randint(len(self.mean), (batch_size,), generator=generator)
+            templates = torch.randint(len(TEMPLATES), (batch_size,), generator=generator).tolist()
+            noise = torch.randn(self.mean[index].shape, generator=generator)
+            latents = self.mean[index] + self.std[index] * noise
+            captions = [
+                make_caption(c.digit, c.fg, c.bg, template)
+                for c, template in zip((self.captions[i] for i in index.tolist()), templates, strict=True)
+            ]
+            yield (latents - self.shift) * self.scale, captions
 
 
 def flow_loss(
@@ -109,7 +155,6 @@ def train_denoiser(
     vae: AutoencoderKL,
     settings: DenoiserSettings,
     log_every: int = 100,
-    start: StableDiffusion3Pipeline | None = None,
     snapshot_every: int = 0,
     snapshot_dir: Path | None = None,
 ):
@@ -119,8 +164,6 @@ def train_denoiser(
         vae: The trained VAE (frozen), with latent normalisation set.
         settings: Steps, batch size, learning rate, dropout, EMA, seed.
         log_every: Print the running loss every this many steps.
-        start: Continue from this pipeline's transformer, text encoders and tokenizer (the
-            ``refine`` stage) instead of fresh ones.
         snapshot_every: Save the averaged weights every this many steps (0: never) ...
         snapshot_dir: ... as ``snapshot_dir/step<N>`` (diffusers folders).
 
@@ -128,16 +171,12 @@ def train_denoiser(
         A ``StableDiffusion3Pipeline`` holding the EMA weights, in eval mode.
     """
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    if start is None:
-        tokenizer = new_tokenizer()
-        text_encoders = (
-            new_text_encoder(tokenizer, settings.seed + 1),
-            new_text_encoder(tokenizer, settings.seed + 2),
-        )
-        transformer = new_transformer(settings.seed + 3)
-    else:
-        tokenizer, text_encoders = start.tokenizer, (start.text_encoder, start.text_encoder_2)
-        transformer = start.transformer
+    tokenizer = new_tokenizer()
+    text_encoders = (
+        new_text_encoder(tokenizer, settings.seed + 1),
+        new_text_encoder(tokenizer, settings.seed + 2),
+    )
+    transformer = new_transformer(settings.seed + 3)
     pipe = assemble(vae.requires_grad_(False), transformer, text_encoders, tokenizer)
     trained = [pipe.transformer.train(), *(encoder.train() for encoder in text_encoders)]
     params = [p for module in trained for p in module.parameters()]
@@ -145,16 +184,15 @@ def train_denoiser(
         params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=settings.weight_decay
     )
     ema = Ema(trained, settings.ema_decay)
-    batches = train_batches(settings.batch_size, generator)
+    batches = LatentPool(vae, settings.latent_copies, generator).batches(settings.batch_size, generator)
     start, running = time.time(), 0.0
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup)
-        images, captions = next(batches)
+        z0, captions = next(batches)
         keep = torch.rand(len(captions), generator=generator) >= settings.caption_dropout
         texts = [c.text if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
         long_context = torch.rand((), generator=generator).item() < settings.long_context_prob
-        z0 = encode_latents(vae, images, generator)
         loss = flow_loss(pipe, z0, texts, 256 if long_context else 1, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -100,6 +100,11 @@ def classifier_record(path: str | Path | None = None) -> dict:
     return json.loads(Path(path or _package_file(RECORD_FILE)).read_text(encoding="utf-8"))
 
 
+def shipped_weights() -> Path:
+    """The shipped weights file (its size and time key the dense-image cache)."""
+    return _package_file(WEIGHTS_FILE)
+
+
 def load_digits_classifier(weights_path: str | Path | None = None) -> DigitsClassifier:
     """Builds the classifier and loads trained weights (strictly, on CPU, no download).
 

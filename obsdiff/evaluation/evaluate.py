@@ -92,6 +92,12 @@ def heldout_digits(count: int, resolution: int) -> torch.Tensor:
 REAL_IMAGES: dict[str, Callable[[int, int], torch.Tensor]] = {"digits_heldout": heldout_digits}
 
 
+def _digits_classifier_weights() -> Path:
+    from obsdiff.evaluation.digits_classifier import shipped_weights
+
+    return shipped_weights()
+
+
 def _digits_classifier() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
     from obsdiff.evaluation.digits_classifier import load_digits_classifier, prompt_accuracy
 
@@ -101,6 +107,7 @@ def _digits_classifier() -> Callable[[torch.Tensor, list[str]], dict[str, float]
 
 # Prompt judges by name (``eval.prompt_judge``): build a scorer ``(images, prompts) -> {part: fraction}``
 # whose ``all`` part is the fraction of images that show everything their prompt asks for.
+# Their weight files key the dense cache (JUDGE_WEIGHTS).
 PROMPT_JUDGES: dict[str, tuple[str, Callable[[], Callable]]] = {
     "digits_classifier": (
         "digits classifier: digit, foreground and background all as prompted "
@@ -108,6 +115,7 @@ PROMPT_JUDGES: dict[str, tuple[str, Callable[[], Callable]]] = {
         _digits_classifier,
     ),
 }
+JUDGE_WEIGHTS: dict[str, Callable[[], Path]] = {"digits_classifier": _digits_classifier_weights}
 
 
 def load_real_images(ecfg: Any, count: int) -> torch.Tensor | None:
@@ -184,12 +192,13 @@ def real_reference(
 ) -> FidReference | None:
     """Feature statistics of the eval's real images (``None`` if it has none), cached on disk per
     image set, resolution and feature network, so a sweep computes them once."""
-    from obsdiff.artifacts import config_hash, library_versions
+    from obsdiff.artifacts import config_hash, files_fingerprint, library_versions
 
     if not ecfg.reference_dir and not ecfg.get("real_images"):
         return None
     what = {
         "images": ecfg.reference_dir or ecfg.real_images,
+        "files": files_fingerprint(ecfg.reference_dir) if ecfg.reference_dir else None,
         "count": count if ecfg.reference_dir else "all",
         **{k: ecfg[k] for k in ("resolution", "feature_net", "feature_weights")},
         "versions": library_versions(),
@@ -209,14 +218,18 @@ def dense_baseline(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dense images and metrics; sets the scorer's references. Dense generations and reference
     statistics are cached under ``cfg.cache_dir`` per model + eval config, so a sweep makes them once."""
-    from obsdiff.artifacts import config_hash, library_versions
+    from obsdiff.artifacts import config_hash, files_fingerprint, library_versions
 
     ecfg = cfg.eval
     real = real_reference(ecfg, len(evalset.prompts), scorer.feature_net, cfg.cache_dir)
     if real is None and ecfg.reference_seed is None:
         raise ValueError("eval has no reference: set eval.reference_dir, real_images or reference_seed")
+    judge = [JUDGE_WEIGHTS[ecfg.prompt_judge]()] if ecfg.get("prompt_judge") else []
+    files = files_fingerprint(adapter.weights_location(cfg.model), *judge)
     key = config_hash(
-        OmegaConf.create({"model": cfg.model, "eval": cfg.eval, "versions": library_versions()})
+        OmegaConf.create(
+            {"model": cfg.model, "eval": cfg.eval, "versions": library_versions(), "files": files}
+        )
     )
     cache = Path(cfg.cache_dir) / "dense" / f"{cfg.model.name}-{key}"
     if (cache / "metrics.json").exists():

@@ -74,6 +74,10 @@ class ModelAdapter:
         """Load the pipeline on the configured device and dtype."""
         raise NotImplementedError
 
+    def weights_location(self, model_cfg: Any) -> str:
+        """Where ``load`` reads weights from: a local folder, or a hub id (caches key on its files)."""
+        return str(model_cfg.path)
+
     def denoiser(self, pipe: Any) -> nn.Module:
         raise NotImplementedError
 

@@ -60,6 +60,11 @@ class SD3Adapter(ModelAdapter):
     """``StableDiffusion3Pipeline`` + ``SD3Transformer2DModel`` (SD3-Medium, SD3.5, the tiny model)."""
 
     family = "sd3"
+
+    def weights_location(self, model_cfg: Any) -> str:
+        """The packaged folder of an embedded model, else ``model.path``."""
+        return local_path(model_cfg.path)
+
     default_targets = SD3_TARGETS + DUAL_ATTENTION_TARGETS
 
     def denoiser_config(self, model_cfg: Any) -> dict:

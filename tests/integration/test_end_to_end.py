@@ -52,9 +52,10 @@ def test_default_run_fulfils_the_run_contract(cli, tmp_path):
     assert (
         metrics["eval/fid_reference"] == "digits_heldout" and metrics["eval/fid"] == metrics["eval/fid_real"]
     )
-    # the trained model follows its prompts; the dense model is its own FID floor
-    assert metrics["dense/prompt_accuracy"] >= 0.5
-    assert 0 <= metrics["eval/prompt_accuracy"] <= 1
+    # the trained model follows its prompts (0.98 when shipped); 50 % OBS-Diff keeps most of it;
+    # the dense model is its own FID floor
+    assert metrics["dense/prompt_accuracy"] >= 0.9
+    assert metrics["eval/prompt_accuracy"] >= 0.8
     assert metrics["dense/fid_dense"] < metrics["dense/fid_real"]
     rows = list(csv.DictReader((out / "layers.csv").open()))
     assert len(rows) == metrics["prune/num_layers"] == 45  # 4 blocks, last one context_pre_only
@@ -121,6 +122,31 @@ def test_dense_results_are_cached(compose_cfg, run_dir, tmp_path, monkeypatch):
     second.mkdir()
     run(compose_cfg(*DEBUG, "pruner.num_packages=1", "sparsity.ratio=0.3"), second)
     assert calls == ["pruned images"]
+
+
+def test_new_weights_at_the_same_path_are_not_served_stale_dense_results(
+    compose_cfg, run_dir, tmp_path, monkeypatch
+):
+    import os
+    import shutil
+
+    from obsdiff.models.sd3 import EMBEDDED
+
+    weights = tmp_path / "weights"
+    shutil.copytree(EMBEDDED["tiny_digits"], weights)
+    overrides = (*DEBUG, "pruner.num_packages=1", f"model.path={weights}")
+    run(compose_cfg(*overrides), run_dir)
+    calls = []
+    real = evaluate_mod.generate
+    monkeypatch.setattr(evaluate_mod, "generate", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    monkeypatch.setattr(run_mod, "generate", evaluate_mod.generate)
+    retrained = weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.utime(retrained, ns=(retrained.stat().st_atime_ns, retrained.stat().st_mtime_ns + 10**9))
+    second = tmp_path / "second"
+    second.mkdir()
+    run(compose_cfg(*overrides), second)
+    assert "dense images" in calls
+    assert len(list((tmp_path / "cache" / "dense").iterdir())) == 2
 
 
 def test_wandb_finishes_after_an_exception(compose_cfg, run_dir, monkeypatch):
