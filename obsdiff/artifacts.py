@@ -54,9 +54,12 @@ def files_fingerprint(*locations: str | Path) -> str:
     for location in locations:
         path = Path(location)
         files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for file in (f for f in files if f.exists()):
-            name = file.relative_to(path) if path.is_dir() else file
-            entries.append(f"{name}:{file.stat().st_size}:{file.stat().st_mtime_ns}")
+        for file in files:
+            if file.is_file():
+                stat = file.stat()
+                entries.append(
+                    f"{file.relative_to(path) if path.is_dir() else file}:{stat.st_size}:{stat.st_mtime_ns}"
+                )
         entries.append(str(location))
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:12]
 

@@ -60,11 +60,13 @@ def _label(row: dict, varying: set[str] = frozenset()) -> str:
     label = row["method"]
     if (row["mask"] == "obs") != (row["update"] == "obs"):
         label += f" ({row['mask']} mask + {row['update']} update)"
-    extras = [f"{row['schedule']}" if "schedule" in varying else ""]
-    packages = row["num_packages"]
-    extras.append(f"{packages} package{'' if packages == 1 else 's'}" if "num_packages" in varying else "")
-    extras = [e for e in extras if e]
-    return label + (f", {', '.join(extras)}" if extras else "")
+    extras = []
+    if "schedule" in varying:
+        extras.append(str(row["schedule"]))
+    if "num_packages" in varying:
+        packages = row["num_packages"]
+        extras.append(f"{packages} package{'' if packages == 1 else 's'}")
+    return ", ".join([label, *extras])
 
 
 def _varying(rows: list[dict]) -> set[str]:

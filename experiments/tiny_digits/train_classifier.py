@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.tiny_digits.train_vae import lr_factor, train_batches
-from obsdiff.evaluation.digits_classifier import HEADS, DigitsClassifier
+from obsdiff.evaluation.digits_classifier import HEADS, DigitsClassifier, prompt_accuracy
 from obsdiff.models.digits_data import heldout_set
 
 
@@ -54,9 +54,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def heldout_accuracy(net: DigitsClassifier) -> dict[str, float]:
     """Per-head accuracy on the 500 held-out digits (fixed colours)."""
     images, captions = heldout_set()
-    predicted = net.predict(images)
-    truth = {head: torch.tensor([getattr(c, head) for c in captions]) for head in HEADS}
-    return {head: (predicted[head] == truth[head]).float().mean().item() for head in HEADS}
+    accuracy = prompt_accuracy(images, [c.text for c in captions], net)
+    return {head: accuracy[head] for head in HEADS}
 
 
 def train_classifier(settings: ClassifierSettings, log_every: int = 200) -> DigitsClassifier:

@@ -119,8 +119,8 @@ class LatentPool:
         while True:
             index = torch.randint(len(self.mean), (batch_size,), generator=generator)
             templates = torch.randint(len(TEMPLATES), (batch_size,), generator=generator).tolist()
-            noise = torch.randn(self.mean[index].shape, generator=generator)
-            latents = self.mean[index] + self.std[index] * noise
+            mean, std = self.mean[index], self.std[index]
+            latents = mean + std * torch.randn(mean.shape, generator=generator)
             captions = [
                 make_caption(c.digit, c.fg, c.bg, template)
                 for c, template in zip((self.captions[i] for i in index.tolist()), templates, strict=True)

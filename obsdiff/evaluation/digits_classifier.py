@@ -117,7 +117,7 @@ def load_digits_classifier(weights_path: str | Path | None = None) -> DigitsClas
     """
     record = classifier_record()
     net = DigitsClassifier(tuple(record["widths"]), record["hidden"])
-    net.load_state_dict(load_file(str(weights_path or _package_file(WEIGHTS_FILE))), strict=True)
+    net.load_state_dict(load_file(str(weights_path or shipped_weights())), strict=True)
     return net.eval().requires_grad_(False)
 
 

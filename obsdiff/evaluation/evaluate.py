@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -92,10 +92,14 @@ def heldout_digits(count: int, resolution: int) -> torch.Tensor:
 REAL_IMAGES: dict[str, Callable[[int, int], torch.Tensor]] = {"digits_heldout": heldout_digits}
 
 
-def _digits_classifier_weights() -> Path:
-    from obsdiff.evaluation.digits_classifier import shipped_weights
+class PromptJudge(NamedTuple):
+    """A prompt judge: ``build()`` gives a scorer ``(images, prompts) -> {part: fraction}`` whose
+    ``all`` part is the fraction of images showing everything their prompt asks for; ``weights()``
+    is its weight file, which keys the dense cache."""
 
-    return shipped_weights()
+    description: str
+    build: Callable[[], Callable[[torch.Tensor, list[str]], dict[str, float]]]
+    weights: Callable[[], Path]
 
 
 def _digits_classifier() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
@@ -105,17 +109,21 @@ def _digits_classifier() -> Callable[[torch.Tensor, list[str]], dict[str, float]
     return lambda images, prompts: prompt_accuracy(images, prompts, classifier)
 
 
-# Prompt judges by name (``eval.prompt_judge``): build a scorer ``(images, prompts) -> {part: fraction}``
-# whose ``all`` part is the fraction of images that show everything their prompt asks for.
-# Their weight files key the dense cache (JUDGE_WEIGHTS).
-PROMPT_JUDGES: dict[str, tuple[str, Callable[[], Callable]]] = {
-    "digits_classifier": (
+def _digits_classifier_weights() -> Path:
+    from obsdiff.evaluation.digits_classifier import shipped_weights
+
+    return shipped_weights()
+
+
+# Prompt judges by name (``eval.prompt_judge``).
+PROMPT_JUDGES: dict[str, PromptJudge] = {
+    "digits_classifier": PromptJudge(
         "digits classifier: digit, foreground and background all as prompted "
         "(the tiny model's stand-in for CLIP score)",
         _digits_classifier,
+        _digits_classifier_weights,
     ),
 }
-JUDGE_WEIGHTS: dict[str, Callable[[], Path]] = {"digits_classifier": _digits_classifier_weights}
 
 
 def load_real_images(ecfg: Any, count: int) -> torch.Tensor | None:
@@ -152,8 +160,8 @@ class Scorer:
             self.clip_name = ecfg.clip_model
         self.judge_name, self.judge = None, None
         if ecfg.get("prompt_judge"):
-            self.judge_name, build_judge = PROMPT_JUDGES[ecfg.prompt_judge]
-            self.judge = build_judge()
+            judge = PROMPT_JUDGES[ecfg.prompt_judge]
+            self.judge_name, self.judge = judge.description, judge.build()
 
     def set_references(self, real: FidReference | None, dense: FidReference | None) -> None:
         """The reference statistics every later :meth:`score` compares with (``None``: no such FID)."""
@@ -224,7 +232,7 @@ def dense_baseline(
     real = real_reference(ecfg, len(evalset.prompts), scorer.feature_net, cfg.cache_dir)
     if real is None and ecfg.reference_seed is None:
         raise ValueError("eval has no reference: set eval.reference_dir, real_images or reference_seed")
-    judge = [JUDGE_WEIGHTS[ecfg.prompt_judge]()] if ecfg.get("prompt_judge") else []
+    judge = [PROMPT_JUDGES[ecfg.prompt_judge].weights()] if ecfg.get("prompt_judge") else []
     files = files_fingerprint(adapter.weights_location(cfg.model), *judge)
     key = config_hash(
         OmegaConf.create(

@@ -152,6 +152,8 @@ def load_mnist() -> tuple[Tensor, Tensor]:
 
 def split_indices(split: str) -> Tensor:
     """Indices of ``"train"`` (4,500) or ``"heldout"`` (last 50 of each class, 500) MNIST digits."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     _, labels = load_mnist()
     rank = torch.zeros_like(labels)
     for digit in range(NUM_DIGITS):
@@ -159,8 +161,6 @@ def split_indices(split: str) -> Tensor:
         rank[members] = torch.arange(len(members))
     per_class = int((labels == 0).sum())
     heldout = rank >= per_class - HELDOUT_PER_CLASS
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     return (heldout if split == "heldout" else ~heldout).nonzero().squeeze(1)
 
 

@@ -60,12 +60,11 @@ class SD3Adapter(ModelAdapter):
     """``StableDiffusion3Pipeline`` + ``SD3Transformer2DModel`` (SD3-Medium, SD3.5, the tiny model)."""
 
     family = "sd3"
+    default_targets = SD3_TARGETS + DUAL_ATTENTION_TARGETS
 
     def weights_location(self, model_cfg: Any) -> str:
         """The packaged folder of an embedded model, else ``model.path``."""
         return local_path(model_cfg.path)
-
-    default_targets = SD3_TARGETS + DUAL_ATTENTION_TARGETS
 
     def denoiser_config(self, model_cfg: Any) -> dict:
         if model_cfg.path == "tiny":
@@ -73,8 +72,9 @@ class SD3Adapter(ModelAdapter):
         from diffusers import SD3Transformer2DModel
 
         try:
-            config = SD3Transformer2DModel.load_config(local_path(model_cfg.path), subfolder="transformer")
-            return dict(config)
+            return dict(
+                SD3Transformer2DModel.load_config(self.weights_location(model_cfg), subfolder="transformer")
+            )
         except (OSError, ValueError) as err:
             raise self._not_available(model_cfg.path, err) from err
 
@@ -106,7 +106,7 @@ class SD3Adapter(ModelAdapter):
             if model_cfg.text_encoder_3 is None:
                 kwargs.update(text_encoder_3=None, tokenizer_3=None)
             try:
-                pipe = StableDiffusion3Pipeline.from_pretrained(local_path(model_cfg.path), **kwargs)
+                pipe = StableDiffusion3Pipeline.from_pretrained(self.weights_location(model_cfg), **kwargs)
             except OSError as err:
                 raise self._not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)
