@@ -1,7 +1,8 @@
 """Benchmark: prune an SD3-Medium-shaped transformer (random weights) through obsdiff's real loop.
 
-Times ``prune_model`` with ``SD3Adapter`` and ``obs_solve``, split into calibration (sampler passes
-with Hessian capture), OBS solves and the loop's per-layer bookkeeping, plus peak memory. Random
+Times ``prune_groupwise`` with ``SD3Adapter`` and a ``LayerwiseStrategy`` of the OBS solver
+(``layer_solver("obs", "obs")``), split into calibration (sampler passes with Hessian capture), OBS
+solves and the loop's per-layer bookkeeping, plus peak memory. Random
 weights and prompt embeddings stand in for the checkpoint and text encoders: nothing downloads.
 
     python bench/prune_sd3_shape.py --preset cpu-small
@@ -15,7 +16,6 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,17 @@ import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from obsdiff.bench import SD3_MEDIUM  # stabilityai/stable-diffusion-3-medium-diffusers transformer config
 from obsdiff.calibration.timesteps import timestep_weights
 from obsdiff.evaluation.speed import device_name
-from obsdiff.models.base import DTYPES, resolve_device
+from obsdiff.models.base import DTYPES, KNOWN_CONFIGS, resolve_device, torch_dtype
 from obsdiff.models.sd3 import SD3Adapter
-from obsdiff.prune import Calibration, prune_model
-from obsdiff.solvers import Pattern, SolveResult, obs_solve
+from obsdiff.prune import Calibration, prune_groupwise
+from obsdiff.pruners.layerwise import LayerSolver, LayerwiseStrategy
+from obsdiff.solvers import Pattern, SolveResult, layer_solver
 
-TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens (max_sequence_length=256)
+SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
+MAX_SEQUENCE_LENGTH = 256  # T5 tokens (zero rows: the random pipeline has no T5, as at inference)
+TEXT_TOKENS = 77 + MAX_SEQUENCE_LENGTH  # CLIP tokens + T5 tokens
 # METHOD.md §5 calibration settings; cpu-small fits a 2-core CPU in a few minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(num_layers=24, num_prompts=100, num_steps=25, resolution=512, num_packages=4, batch_size=4,
@@ -52,17 +54,18 @@ class TimedSolver:
     """Wraps a solver and sums the wall time of its calls (synchronising CUDA around each).
 
     Args:
-        solver: ``(W, H, pattern, **options) -> SolveResult``.
+        solver: a layer solver, ``(W, H, pattern, *, layer, moments) -> SolveResult``.
         device: the device the solves run on.
     """
 
-    def __init__(self, solver: Callable[..., SolveResult], device: torch.device) -> None:
+    def __init__(self, solver: LayerSolver, device: torch.device) -> None:
         self.solver, self.device, self.seconds = solver, device, 0.0
 
-    def __call__(self, W: torch.Tensor, H: torch.Tensor, pattern: Pattern, **options: Any) -> SolveResult:
+    def __call__(self, W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, layer: str = "",
+                 moments: Any = None) -> SolveResult:  # fmt: skip
         sync(self.device)
         t0 = time.perf_counter()
-        result = self.solver(W, H, pattern, **options)
+        result = self.solver(W, H, pattern, layer=layer, moments=moments)
         sync(self.device)
         self.seconds += time.perf_counter() - t0
         return result
@@ -72,6 +75,7 @@ class TimedSD3Adapter(SD3Adapter):
     """The SD3 adapter with its sampler calls timed (the calibration passes)."""
 
     def __init__(self, device: torch.device) -> None:
+        super().__init__({"text_encoder_3": None, "max_sequence_length": MAX_SEQUENCE_LENGTH})
         self.device, self.seconds = device, 0.0
 
     def denoise(self, *args: Any, **kwargs: Any) -> Any:
@@ -81,6 +85,12 @@ class TimedSD3Adapter(SD3Adapter):
         sync(self.device)
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def sd3_medium_config() -> dict[str, Any]:
+    """SD3-Medium's ``transformer/config.json`` (the copy obsdiff ships; nothing downloads)."""
+    config = json.loads((KNOWN_CONFIGS / SD3Adapter.known_configs[SD3_MEDIUM]).read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def build_pipeline(
@@ -93,7 +103,7 @@ def build_pipeline(
     with pre-computed embeddings and ``output_type="latent"`` touches neither; no workaround needed.
     """
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**{**SD3_MEDIUM, "num_layers": num_layers})
+    transformer = SD3Transformer2DModel(**{**sd3_medium_config(), "num_layers": num_layers})
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.to(device=device, dtype=dtype),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -144,7 +154,7 @@ def parse_pattern(spec: str, ratio: float) -> Pattern:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Build, calibrate and prune; print a table and append one JSON line to ``--out``."""
     args = parse_args(argv)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.set_flush_denormal(True)  # as obsdiff runs do (flush_denormal=true)
     load_before, t0 = os.getloadavg()[0], time.perf_counter()
@@ -156,12 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_steps=args.num_steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
         batch_size=args.batch_size, timestep_weights=timestep_weights(args.schedule, args.num_steps),
     )  # fmt: skip
-    adapter, solver = TimedSD3Adapter(device), TimedSolver(obs_solve, device)
+    adapter, solver = TimedSD3Adapter(device), TimedSolver(layer_solver("obs", "obs"), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     pattern, targets = parse_pattern(args.pattern, args.sparsity), list(adapter.default_targets)
-    records = prune_model(adapter, pipe, calib, pattern, solver, args.num_packages, targets)
+    strategy = LayerwiseStrategy(solver, pattern, targets)
+    records = prune_groupwise(adapter, pipe, calib, strategy, args.num_packages)
     sync(device)
     total_s = time.perf_counter() - t0
     numel = sum(r.rows * r.cols for r in records)

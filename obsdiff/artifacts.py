@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,55 +12,17 @@ from safetensors.torch import load_file, save_file
 
 from obsdiff.config import effective_update
 from obsdiff.models import get_adapter
+from obsdiff.provenance import config_hash, files_fingerprint, library_versions  # noqa: F401 (re-exported)
 
-FORMAT = "obsdiff-pruned/1"
+FORMAT = "obsdiff-pruned/2"  # /2: per-attention shapes ("attn", "attn2"), group-keyed removals
+FORMAT_V1 = "obsdiff-pruned/1"  # one head count per block ("heads"), read and converted
+WEIGHTS_FORMAT = FORMAT_V1  # the safetensors layout did not change with the manifest
 WEIGHTS = "denoiser.safetensors"
 MANIFEST = "manifest.json"
 
 
 class ArtifactMismatchError(ValueError):
     """The artifact does not fit the base model it is loaded into."""
-
-
-def library_versions() -> dict[str, str]:
-    """Versions recorded next to every artifact and number."""
-    import diffusers
-    import transformers
-
-    from obsdiff import __version__
-
-    return {
-        "obsdiff": __version__,
-        "torch": str(torch.__version__),
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def config_hash(cfg: Any) -> str:
-    """Short, stable hash of a (resolved) config."""
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def files_fingerprint(*locations: str | Path) -> str:
-    """Short hash of every file under the given local paths (relative name, size, mtime).
-
-    Caches key on it, so that new weights or images at the same path never reuse stale results.
-    A location that is not a local path (a hub id) adds only its name.
-    """
-    entries = []
-    for location in locations:
-        path = Path(location)
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for file in files:
-            if file.is_file():
-                stat = file.stat()
-                entries.append(
-                    f"{file.relative_to(path) if path.is_dir() else file}:{stat.st_size}:{stat.st_mtime_ns}"
-                )
-        entries.append(str(location))
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:12]
 
 
 def _jsonable(config: Any) -> dict:
@@ -80,7 +41,7 @@ def save_pruned(out_dir: Path, denoiser: torch.nn.Module, cfg: Any, extra: dict 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in denoiser.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS), metadata={"format": FORMAT})
+    save_file(state, str(out_dir / WEIGHTS), metadata={"format": WEIGHTS_FORMAT})
     manifest = {
         "format": FORMAT,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -106,6 +67,12 @@ def read_manifest(path: str | Path) -> dict:
     if not file.is_file():
         raise ArtifactMismatchError(f"{path}: no {MANIFEST}; expected a run's pruned/ folder")
     manifest = json.loads(file.read_text())
+    if manifest.get("format") == FORMAT_V1:  # SD3 only: the block's head count was "heads"
+        arch = manifest.get("structure", {}).get("architecture", {})
+        for shape in arch.values():
+            if "heads" in shape:
+                shape["attn"] = shape.pop("heads")
+        manifest["format"] = FORMAT
     if manifest.get("format") != FORMAT:
         raise ArtifactMismatchError(
             f"{path}: unknown artifact format {manifest.get('format')!r}, expected {FORMAT}"
@@ -130,7 +97,7 @@ def load_pruned(path: str | Path, pipeline: Any = None, **pipeline_kwargs: Any) 
     path = Path(path)
     manifest = read_manifest(path)
     model_cfg = OmegaConf.create({**manifest["model"], **pipeline_kwargs})
-    adapter = get_adapter(model_cfg.family)
+    adapter = get_adapter(model_cfg.family, model_cfg.get("options"))
     pipe = pipeline if pipeline is not None else adapter.load(model_cfg)
     denoiser = adapter.denoiser(pipe)
     saved, actual = manifest["denoiser_config"], _jsonable(denoiser.config)

@@ -2,6 +2,7 @@
 
     obsdiff-bench --artifact outputs/RUN/pruned --resolution 512 1024     # a pruned run vs. its base
     obsdiff-bench --random sd3_medium --structured-ratio 0.3 --blocks 1:23  # random weights, shape only
+    obsdiff-bench --random flux_dev --structured-ratio 0.3                  # any adapter's random_shapes
 
 Appends one JSON line per resolution to ``--out`` and prints a table. CPU timings only show that the
 smaller model runs; they are not GPU speedups.
@@ -24,26 +25,17 @@ from obsdiff.artifacts import library_versions, load_pruned, read_manifest
 from obsdiff.config import parse_blocks
 from obsdiff.evaluation.cost import denoiser_cost, structured_architecture
 from obsdiff.evaluation.speed import CPU_WARNING, denoiser_latency, device_name, pipeline_latency, verdict
-from obsdiff.models import get_adapter
-from obsdiff.models.base import DTYPES, resolve_device
-
-# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (as bench/prune_sd3_shape.py).
-SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-)  # fmt: skip
-# --random shapes: model family, VAE downscale factor, prompt tokens (SD3: 77 CLIP + 256 T5).
-RANDOM_MODELS = {"sd3_medium": ("sd3", 8, 77 + 256), "tiny": ("sd3", 2, 77)}
+from obsdiff.models import ADAPTERS, adapter_class, get_adapter
+from obsdiff.models.base import DTYPES, resolve_device, torch_dtype
 
 
-def random_config(name: str) -> dict:
-    """The dense denoiser config of a ``--random`` shape."""
-    if name == "tiny":
-        from obsdiff.models.tiny_sd3 import load_tiny_config
-
-        return load_tiny_config()["transformer"]
-    return dict(SD3_MEDIUM)
+def random_shapes() -> dict[str, tuple[str, str, int, int]]:
+    """``--random`` names of every adapter: name -> (family, ``model.path``, VAE downscale, text tokens)."""
+    shapes = {}
+    for family in sorted(ADAPTERS):
+        for name, (path, scale, tokens) in getattr(adapter_class(family), "random_shapes", {}).items():
+            shapes[name] = (family, path, scale, tokens)
+    return shapes
 
 
 def parse_block_list(spec: str, num_blocks: int) -> list[int]:
@@ -58,16 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="obsdiff-bench", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--artifact", type=Path, help="a run's pruned/ folder")
-    mode.add_argument("--random", choices=sorted(RANDOM_MODELS), help="random weights of this shape")
+    mode.add_argument("--random", choices=sorted(random_shapes()), help="random weights of this shape")
     p.add_argument("--structured-ratio", type=float, default=0.3, help="--random: heads/neurons removed")
     p.add_argument("--blocks", default="1:-1", help="--random: blocks to shrink, slice or list")
-    p.add_argument("--batch", type=int, default=2, help="denoiser batch (CFG doubles the prompts)")
+    p.add_argument("--batch", type=int, default=2, help="rows of one denoiser call (SD3 CFG: 2 per prompt)")
     p.add_argument("--resolution", type=int, nargs="+", help="pixels (default: the model's native)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on CUDA, else float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--text-tokens", type=int, help="default: 333 (SD3), 77 (--random tiny), the model's")
+    p.add_argument("--text-tokens", type=int, help="default: the shape's (SD3-Medium 333, FLUX.1-dev 512)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     p.add_argument("--steps", type=int, default=28, help="--artifact: sampler steps per image")
     p.add_argument("--guidance-scale", type=float, default=7.0)
@@ -91,9 +83,9 @@ def time_denoiser(adapter: Any, denoiser: torch.nn.Module, args: argparse.Namesp
 def time_pipeline(adapter: Any, pipe: Any, model_cfg: Any, args: argparse.Namespace, sizes: dict) -> dict:
     """Denoiser and end-to-end latency of one loaded pipeline at every resolution."""
     out = time_denoiser(adapter, adapter.denoiser(pipe), args, sizes)
-    num_images = max(1, args.batch // 2) if args.guidance_scale > 1 else args.batch
-    msl = model_cfg.get("max_sequence_length", 256)
-    embeds = adapter.encode(pipe, [args.prompt] * num_images, args.guidance_scale, num_images, msl)
+    rows = sum(adapter.denoiser_calls(args.guidance_scale, dict(adapter.denoiser(pipe).config)))
+    num_images = max(1, args.batch // rows)
+    embeds = adapter.encode(pipe, [args.prompt] * num_images, args.guidance_scale, num_images)
     timing = (min(args.warmup, 1), args.pipeline_iters)
     for res in sizes:
         out[res]["pipeline"] = pipeline_latency(
@@ -107,10 +99,10 @@ def bench_artifact(args: argparse.Namespace, device: torch.device, dtype: str) -
     manifest = read_manifest(args.artifact)
     overrides = {"device": str(device), "torch_dtype": dtype}
     model_cfg = OmegaConf.create(manifest["model"] | overrides)
-    adapter = get_adapter(model_cfg.family)
+    adapter = get_adapter(model_cfg.family, model_cfg.get("options"))
     pipe = load_pruned(args.artifact, **overrides)
     denoiser = adapter.denoiser(pipe)
-    tokens = args.text_tokens or adapter.text_tokens(pipe, model_cfg.get("max_sequence_length", 256))
+    tokens = args.text_tokens or adapter.text_tokens(pipe)
     scale = pipe.vae_scale_factor
     resolutions = args.resolution or [denoiser.config.sample_size * scale]
     sizes = {res: (res // scale, tokens) for res in resolutions}
@@ -126,16 +118,17 @@ def bench_artifact(args: argparse.Namespace, device: torch.device, dtype: str) -
 
 def bench_random(args: argparse.Namespace, device: torch.device, dtype: str) -> tuple[Any, dict, dict]:
     """A random denoiser, timed dense, then reshaped in place (one copy in memory) and timed again."""
-    family, scale, default_tokens = RANDOM_MODELS[args.random]
-    adapter, config = get_adapter(family), random_config(args.random)
-    blocks = parse_block_list(args.blocks, config["num_layers"])
+    family, path, scale, default_tokens = random_shapes()[args.random]
+    adapter = get_adapter(family)
+    config = adapter.denoiser_config(OmegaConf.create({"path": path}))
+    blocks = parse_block_list(args.blocks, adapter.num_blocks(config))
     architecture = structured_architecture(adapter, config, args.structured_ratio, blocks)
-    resolutions = args.resolution or [config["sample_size"] * scale]
+    resolutions = args.resolution or [config.get("sample_size", 128) * scale]
     sizes = {res: (res // scale, args.text_tokens or default_tokens) for res in resolutions}
     torch.manual_seed(args.seed)
     model = adapter.empty_denoiser(config, device=device).eval()  # from_config: random init
-    if DTYPES[dtype] != next(model.parameters()).dtype:
-        model = model.to(DTYPES[dtype])
+    if torch_dtype(dtype) != next(model.parameters()).dtype:
+        model = model.to(torch_dtype(dtype))
     dense = time_denoiser(adapter, model, args, sizes)
     adapter.reshape(model, architecture)  # keeps the first heads / neurons: latency is the same
     pruned = time_denoiser(adapter, model, args, sizes)
@@ -157,7 +150,7 @@ def records(adapter: Any, shape: dict, timings: dict, args: argparse.Namespace, 
     }  # fmt: skip
     rows = []
     for res, (latent, tokens) in shape["sizes"].items():
-        dense, pruned = (denoiser_cost(adapter, shape["config"], a, args.batch, latent, tokens)
+        dense, pruned = (denoiser_cost(adapter, shape["config"], a, [args.batch], latent, tokens)
                          for a in ({}, shape["architecture"]))  # fmt: skip
         t_dense, t_pruned = timings["dense"][res], timings["pruned"][res]
         speedup = t_dense["denoiser"]["median_ms"] / t_pruned["denoiser"]["median_ms"]

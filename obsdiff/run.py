@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned
-from obsdiff.config import effective_update, pattern_from_config, pruned_blocks, validate
+from obsdiff.config import RunSpec, check_fields, resolve
 from obsdiff.evaluation.cost import denoiser_cost
 from obsdiff.evaluation.evaluate import Scorer, dense_baseline, generate, prepare_eval_set
 from obsdiff.evaluation.grid import save_image_grid
 from obsdiff.models import ModelAdapter, get_adapter
-from obsdiff.prune import LayerRecord, prepare_calibration, prune_model, prune_structured
+from obsdiff.prune import prepare_calibration, prune_groupwise
+from obsdiff.pruners.layerwise import LayerwiseStrategy
+from obsdiff.pruners.records import LayerRecord
+from obsdiff.pruners.structured import StructuredStrategy
 from obsdiff.solvers import layer_solver
 from obsdiff.tracking import tracking
 
@@ -33,24 +36,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     Writes ``metrics.json``, ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``.
     """
-    validate(cfg)  # 0. every check that needs no weights
+    check_fields(cfg)  # 0. every check that needs no weights; the spec, resolved once
+    spec = resolve(cfg)
     torch.set_flush_denormal(cfg.flush_denormal)
-    adapter = get_adapter(cfg.model.family)
+    adapter = get_adapter(spec.family, spec.options)
     metrics: dict = {f"versions/{k}": v for k, v in library_versions().items()}
     with tracking(cfg, run_dir) as tracker:
         pipe = adapter.load(cfg.model)  # 1. load; encode every prompt once
-        calib = prepare_calibration(adapter, pipe, cfg) if cfg.artifact is None else None
+        calib = (
+            prepare_calibration(adapter, pipe, cfg.calibration, cfg.schedule)
+            if cfg.artifact is None
+            else None
+        )
         if cfg.eval.kind != "none":  # 2. dense baseline (cached per model + eval config)
-            evalset, scorer = (
-                prepare_eval_set(adapter, pipe, cfg.eval, cfg.model.max_sequence_length),
-                Scorer(cfg.eval, pipe.tokenizer),
-            )
+            evalset, scorer = prepare_eval_set(adapter, pipe, cfg.eval), Scorer(cfg.eval, pipe.tokenizer)
             dense, dense_metrics = dense_baseline(adapter, pipe, evalset, scorer, cfg)
             metrics |= {f"dense/{k}": v for k, v in dense_metrics.items()} | scorer.names()
         adapter.offload_text_encoders(pipe)
         cost_dense = _cost(adapter, pipe, cfg)
         if cfg.artifact is None:  # 3. group-wise sequential pruning, 4. save
-            records = _prune(cfg, adapter, pipe, calib, run_dir, metrics)
+            records = _prune(cfg, spec, adapter, pipe, calib, run_dir, metrics)
         else:  # 3'. prune once, evaluate many
             records = _load_artifact(cfg, pipe, run_dir, metrics)
         metrics |= _cost_metrics(cost_dense, _cost(adapter, pipe, cfg), adapter.denoiser(pipe))
@@ -71,47 +76,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _prune(
-    cfg: DictConfig, adapter: ModelAdapter, pipe: Any, calib: Any, run_dir: Path, metrics: dict
+    cfg: DictConfig, spec: RunSpec, adapter: ModelAdapter, pipe: Any, calib: Any, run_dir: Path, metrics: dict
 ) -> list:
-    """Prune with the configured granularity, record the metrics, save; return the layer rows."""
-    pattern, blocks, pr = pattern_from_config(cfg.sparsity), pruned_blocks(cfg, adapter), cfg.pruner
-    update = effective_update(pr)
-    denoiser = adapter.denoiser(pipe)
-    targets = list(pr.targets or adapter.default_targets)
-    names = [n for unit in adapter.units(denoiser, blocks, targets) for group in unit for n in group]
+    """Prune with the spec's strategy, record the metrics, save; return the layer rows."""
+    denoiser, pattern = adapter.denoiser(pipe), spec.pattern()
+    strategy = _strategy(spec, pattern)
+    names = _target_names(adapter, denoiser, spec)
     numel_before = sum(denoiser.get_submodule(n).weight.numel() for n in names)
     append = lambda rows: _append_layers(run_dir / "layers.csv", rows)  # noqa: E731
     start, extra = time.perf_counter(), {}
-    if pattern.kind == "structured":
-        records, removed = prune_structured(
-            adapter, pipe, calib, pattern, pr.num_packages, blocks, pr.damp_frac, update == "obs",
-            method=pr.mask, on_package_done=append,
-        )  # fmt: skip
-        extra["structure"] = {"architecture": adapter.architecture(denoiser), "removed": removed}
-        metrics |= {"prune/head_ratio": pattern.head_ratio, "prune/ffn_ratio": pattern.ffn_ratio}
-    else:
-        solver = layer_solver(pr.mask, update, pr.damp_frac, pr.block_size, OmegaConf.to_container(pr.dsnot))
-        records = prune_model(
-            adapter,
-            pipe,
-            calib,
-            pattern,
-            solver,
-            pr.num_packages,
-            targets,
-            blocks=blocks,
-            on_package_done=append,
-        )
+    records = prune_groupwise(adapter, pipe, calib, strategy, spec.num_packages, on_package_done=append)
     seconds = time.perf_counter() - start
+    if spec.structured:
+        extra["structure"] = {"architecture": adapter.architecture(denoiser), "removed": strategy.removed}
+        metrics |= {"prune/head_ratio": spec.head_ratio, "prune/ffn_ratio": spec.ffn_ratio}
     # zeros (and removed weights) over every target layer of the pruned blocks
     kept = sum(int(torch.count_nonzero(denoiser.get_submodule(n).weight)) for n in names)
     metrics |= {
-        "prune/method": pr.name,
-        "prune/mask": pr.mask,
-        "prune/update": update,
+        "prune/method": cfg.pruner.name,
+        "prune/mask": spec.mask,
+        "prune/update": spec.update,
         "prune/pattern": _pattern_label(cfg.sparsity),
         "prune/schedule": cfg.schedule.name,
-        "prune/num_packages": pr.num_packages,
+        "prune/num_packages": spec.num_packages,
         "prune/sparsity_target": pattern.target_sparsity,
         "prune/sparsity_achieved": 1 - kept / numel_before,
         "prune/num_layers": len(records),
@@ -121,6 +108,19 @@ def _prune(
     if cfg.save_model:
         save_pruned(run_dir / "pruned", denoiser, cfg, extra={**extra, "metrics": dict(metrics)})
     return [list(dataclasses.astuple(r)) for r in records]
+
+
+def _strategy(spec: RunSpec, pattern: Any) -> LayerwiseStrategy | StructuredStrategy:
+    if spec.structured:
+        return StructuredStrategy(spec.mask, pattern, spec.blocks, spec.damp_frac, spec.update == "obs")
+    solver = layer_solver(spec.mask, spec.update, spec.damp_frac, spec.block_size, spec.dsnot)
+    return LayerwiseStrategy(solver, pattern, spec.targets, spec.blocks)
+
+
+def _target_names(adapter: ModelAdapter, denoiser: Any, spec: RunSpec) -> list[str]:
+    """The layers whose weights count towards the achieved sparsity (structured: every default target)."""
+    targets = adapter.default_targets if spec.structured else spec.targets
+    return [n for unit in adapter.units(denoiser, spec.blocks, targets) for group in unit for n in group]
 
 
 def _pattern_label(sp: DictConfig) -> str:
@@ -148,9 +148,9 @@ def _cost(adapter: ModelAdapter, pipe: Any, cfg: DictConfig) -> dict:
         adapter,
         dict(denoiser.config),
         adapter.architecture(denoiser),
-        batch=2 if c.guidance_scale > 1 else 1,
+        calls=adapter.denoiser_calls(c.guidance_scale, dict(denoiser.config)),
         latent_size=c.resolution // pipe.vae_scale_factor,
-        text_tokens=adapter.text_tokens(pipe, cfg.model.max_sequence_length),
+        text_tokens=adapter.text_tokens(pipe),
     )
 
 

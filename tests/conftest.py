@@ -20,7 +20,7 @@ register_configs()
 
 TINY_MODEL = {
     "family": "sd3", "name": "tiny_sd3", "path": "tiny", "torch_dtype": "float32", "device": "cpu",
-    "text_encoder_3": None, "max_sequence_length": 1,
+    "options": {"text_encoder_3": None, "max_sequence_length": 1},
 }  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny pipeline (tests prune it in place)."""
-    adapter = get_adapter("sd3")
+    adapter = get_adapter("sd3", TINY_MODEL["options"])
     return adapter, adapter.load(OmegaConf.create(TINY_MODEL))
 
 

@@ -10,6 +10,12 @@ Stages (``--stages``, comma-separated, default all, in this order):
   classifier  digit / fg / bg CNN                              -> obsdiff/evaluation/digits_classifier.*
   evaluate    prompt accuracy, FID, speed, samples.png         -> experiments/tiny_digits/metrics.json
 
+``--family flux`` trains the Flux-architecture model instead, on the same data, reusing the SD3
+model's trained VAE and the classifier (stages ``denoiser`` and ``evaluate`` only):
+  denoiser    Flux transformer + CLIP + T5 (reads obsdiff/models/tiny_digits/vae)
+                                                               -> obsdiff/models/tiny_digits_flux
+  evaluate    the same numbers, samples_flux.png               -> experiments/tiny_digits/metrics_flux.json
+
 Fixed seeds: the same thread count on the same machine and library versions gives the same weights.
 """
 
@@ -20,7 +26,8 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import diffusers
@@ -29,10 +36,11 @@ import transformers
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from experiments.tiny_digits.components import load_pipeline
+from experiments.tiny_digits import components, components_flux
 from experiments.tiny_digits.evaluate import evaluate, guidance_sweep, sample_grid
 from experiments.tiny_digits.train_classifier import ClassifierSettings, heldout_accuracy, train_classifier
 from experiments.tiny_digits.train_denoiser import DenoiserSettings, train_denoiser
+from experiments.tiny_digits.train_denoiser_flux import FluxDenoiserSettings, train_flux_denoiser
 from experiments.tiny_digits.train_vae import VaeSettings, train_vae
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +51,33 @@ STAGES = ("vae", "denoiser", "classifier", "evaluate")
 COMMAND = "python -m experiments.tiny_digits.train"
 GUIDANCE_SCALES = [3.0, 5.0, 7.0]
 FLOOR_MARGIN = 0.02  # test floors sit this far below the measured held-out accuracies
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the recipe trains and writes for one architecture family."""
+
+    out: Path  # default output folder (the shipped model)
+    stages: tuple[str, ...]  # the stages it runs, in order
+    vae_dir: Path | None  # the trained VAE it reuses (None: OUT/vae, trained by its vae stage)
+    settings: type[DenoiserSettings]
+    train_denoiser: Callable
+    load_pipeline: Callable
+    metrics: Path
+    samples: Path
+
+
+FAMILIES = {
+    "sd3": Family(
+        DEFAULT_OUT, STAGES, None, DenoiserSettings, train_denoiser, components.load_pipeline,
+        HERE / "metrics.json", HERE / "samples.png",
+    ),
+    "flux": Family(
+        ROOT / "obsdiff" / "models" / "tiny_digits_flux", ("denoiser", "evaluate"), DEFAULT_OUT / "vae",
+        FluxDenoiserSettings, train_flux_denoiser, components_flux.load_pipeline,
+        HERE / "metrics_flux.json", HERE / "samples_flux.png",
+    ),
+}  # fmt: skip
 
 
 def versions() -> dict[str, str]:
@@ -93,36 +128,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd3")
+    parser.add_argument("--stages", help="default: all of the family's stages")
+    parser.add_argument("--out", type=Path, help="default: the family's shipped model folder")
     parser.add_argument("--vae-steps", type=int, default=VaeSettings.steps)
-    parser.add_argument("--denoiser-steps", type=int, default=DenoiserSettings.steps)
+    steps_help = f"default: {DenoiserSettings.steps} (flux: {FluxDenoiserSettings.steps})"
+    parser.add_argument("--denoiser-steps", type=int, help=steps_help)
     parser.add_argument(
         "--snapshot-every", type=int, default=0, help="denoiser: save OUT_snapshots/step<N> every N steps"
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (results depend on it)")
     parser.add_argument("--classifier-steps", type=int, default=ClassifierSettings.steps)
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale for metrics and samples")
+    guidance_help = "CFG scale for metrics and samples (flux: true_cfg_scale)"
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help=guidance_help)
     args = parser.parse_args()
-    stages = args.stages.split(",")
-    unknown = sorted(set(stages) - set(STAGES))
+    family = FAMILIES[args.family]
+    out = args.out or family.out
+    stages = args.stages.split(",") if args.stages else list(family.stages)
+    unknown = sorted(set(stages) - set(family.stages))
     if unknown:
-        parser.error(f"unknown stages {unknown}; known: {list(STAGES)}")
+        parser.error(f"unknown stages {unknown} for --family {args.family}; known: {list(family.stages)}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal arithmetic made CPU sampling ~20x slower
     timings: dict[str, float] = {}
     if "vae" in stages:
         start = time.time()
-        train_vae(VaeSettings(steps=args.vae_steps)).save_pretrained(args.out / "vae")
+        train_vae(VaeSettings(steps=args.vae_steps)).save_pretrained(out / "vae")
         timings["vae"] = time.time() - start
     if "denoiser" in stages:
         start = time.time()
-        vae = AutoencoderKL.from_pretrained(args.out / "vae")
-        pipe = train_denoiser(
-            vae, DenoiserSettings(steps=args.denoiser_steps), snapshot_every=args.snapshot_every,
-            snapshot_dir=args.out.parent / f"{args.out.name}_snapshots",
-        )  # fmt: skip
-        save_pipeline(pipe, args.out)
+        vae = AutoencoderKL.from_pretrained(family.vae_dir or out / "vae")
+        steps = {} if args.denoiser_steps is None else {"steps": args.denoiser_steps}
+        snapshot_dir = out.parent / f"{out.name}_snapshots"
+        pipe = family.train_denoiser(
+            vae, family.settings(**steps), snapshot_every=args.snapshot_every, snapshot_dir=snapshot_dir
+        )
+        save_pipeline(pipe, out)
         timings["denoiser"] = time.time() - start
     if "classifier" in stages:
         start = time.time()
@@ -137,22 +178,21 @@ def main() -> None:
         from obsdiff.evaluation.digits_classifier import load_digits_classifier
 
         start = time.time()
-        pipe, classifier = load_pipeline(args.out), load_digits_classifier()
+        pipe, classifier = family.load_pipeline(out), load_digits_classifier()
         metrics = {
             "guidance_sweep_validation": guidance_sweep(pipe, classifier, GUIDANCE_SCALES),
             **evaluate(pipe, classifier, args.guidance_scale),
         }
-        sample_grid(pipe, str(HERE / "samples.png"), guidance_scale=args.guidance_scale)
+        sample_grid(pipe, str(family.samples), guidance_scale=args.guidance_scale)
         timings["evaluate"] = time.time() - start
-        metrics.update(versions=versions(), train_seconds=_merge_timings(timings))
-        (HERE / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics.update(versions=versions(), train_seconds=_merge_timings(timings, family.metrics))
+        family.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
         print(json.dumps(metrics, indent=2))
     print("stage seconds:", {name: round(seconds, 1) for name, seconds in timings.items()})
 
 
-def _merge_timings(timings: dict[str, float]) -> dict[str, float]:
-    """Stage wall times of this run merged over those recorded by earlier runs (metrics.json)."""
-    previous = HERE / "metrics.json"
+def _merge_timings(timings: dict[str, float], previous: Path) -> dict[str, float]:
+    """Stage wall times of this run merged over those recorded by earlier runs (``previous`` metrics)."""
     merged = json.loads(previous.read_text()).get("train_seconds", {}) if previous.exists() else {}
     merged.update({name: round(seconds, 1) for name, seconds in timings.items()})
     return {name: merged[name] for name in STAGES if name in merged}

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusion3Pipeline
 
 from experiments.tiny_digits.components import (
     assemble,
@@ -37,6 +38,9 @@ from obsdiff.models.digits_data import (
     split_indices,
 )
 
+# The pipeline components the denoiser stage trains (both families name them alike).
+TRAINED = ("transformer", "text_encoder", "text_encoder_2")
+
 
 @dataclass
 class DenoiserSettings:
@@ -49,7 +53,7 @@ class DenoiserSettings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
-    long_context_prob: float = 0.02  # steps with 256 zero "T5" tokens instead of 1
+    long_context_prob: float = 0.02  # SD3: steps with 256 zero "T5" tokens instead of 1
     ema_decay: float = 0.998
     latent_copies: int = 8  # colourings per training digit, encoded once (see LatentPool)
     seed: int = 0
@@ -157,7 +161,7 @@ def train_denoiser(
     log_every: int = 100,
     snapshot_every: int = 0,
     snapshot_dir: Path | None = None,
-):
+) -> StableDiffusion3Pipeline:
     """Trains the transformer and both text encoders; returns the pipeline with averaged weights.
 
     Args:
@@ -178,7 +182,42 @@ def train_denoiser(
     )
     transformer = new_transformer(settings.seed + 3)
     pipe = assemble(vae.requires_grad_(False), transformer, text_encoders, tokenizer)
-    trained = [pipe.transformer.train(), *(encoder.train() for encoder in text_encoders)]
+
+    def step_loss(z0: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        long_context = torch.rand((), generator=generator).item() < settings.long_context_prob
+        return flow_loss(pipe, z0, texts, 256 if long_context else 1, generator)
+
+    optimise(pipe, vae, step_loss, settings, generator, log_every, snapshot_every, snapshot_dir)
+    return pipe
+
+
+def optimise(
+    pipe: DiffusionPipeline,
+    vae: AutoencoderKL,
+    step_loss: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    settings: DenoiserSettings,
+    generator: torch.Generator,
+    log_every: int,
+    snapshot_every: int,
+    snapshot_dir: Path | None,
+) -> None:
+    """Trains the pipeline's transformer and text encoders in place, ending on their EMA weights.
+
+    Shared by both families: AdamW with warm-up and cosine decay, gradient clipping, caption
+    dropout (the empty prompt), EMA, batches from a :class:`LatentPool`.
+
+    Args:
+        pipe: A pipeline whose ``transformer``, ``text_encoder`` and ``text_encoder_2`` are trained.
+        vae: The trained VAE (frozen) that encodes the latent pool.
+        step_loss: The loss of one batch of normalised latents and captions (may draw from
+            ``generator``).
+        settings: Steps, batch size, learning rate, dropout, EMA, seed.
+        generator: The random source of batches, dropout and the loss.
+        log_every: Print the running loss every this many steps.
+        snapshot_every: Save the averaged weights every this many steps (0: never) ...
+        snapshot_dir: ... as ``snapshot_dir/step<N>`` (diffusers folders).
+    """
+    trained = [getattr(pipe, name).train() for name in TRAINED]
     params = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=settings.weight_decay
@@ -192,8 +231,7 @@ def train_denoiser(
         z0, captions = next(batches)
         keep = torch.rand(len(captions), generator=generator) >= settings.caption_dropout
         texts = [c.text if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
-        long_context = torch.rand((), generator=generator).item() < settings.long_context_prob
-        loss = flow_loss(pipe, z0, texts, 256 if long_context else 1, generator)
+        loss = step_loss(z0, texts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
@@ -206,9 +244,8 @@ def train_denoiser(
             running = 0.0
         if snapshot_every and (step + 1) % snapshot_every == 0:
             snapshot = copy.deepcopy(pipe)
-            ema.copy_to([snapshot.transformer, snapshot.text_encoder, snapshot.text_encoder_2])
+            ema.copy_to([getattr(snapshot, name) for name in TRAINED])
             snapshot.save_pretrained(snapshot_dir / f"step{step + 1}")
     ema.copy_to(trained)
     for module in trained:
         module.eval()
-    return pipe

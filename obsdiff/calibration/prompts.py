@@ -16,10 +16,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from obsdiff.registry import Registry
+
 TINY_PROMPTS_FILE = "tiny_prompts.txt"
 DEFAULT_COLUMNS = ("Prompt", "caption", "text")
 JSON_KEYS = ("caption", "prompt")
 FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".json")
+# Captions per split of the ``digits`` source (``obsdiff.models.digits_data.digits_captions``), so
+# that checking a config does not build them (torch); tests keep the two equal.
+DIGITS_PROMPTS = {"train": 1000, "heldout": 500}
 
 
 class PromptSourceError(ValueError):
@@ -146,11 +151,22 @@ def _load_digits(query: PromptQuery) -> list[str]:
     """
     from obsdiff.models.digits_data import digits_captions
 
-    if query.split not in ("train", "heldout"):
+    _check_digits(query)
+    return [caption.text for caption in digits_captions(query.split)]
+
+
+def _check_digits(query: PromptQuery) -> None:
+    """Check the split and the count of the digits captions without building them (no torch)."""
+    if query.split not in DIGITS_PROMPTS:
         raise PromptSourceError(
             f"{query.group}.split={query.split!r} is invalid for source 'digits'; allowed: train, heldout"
         )
-    return [caption.text for caption in digits_captions(query.split)]
+    available = DIGITS_PROMPTS[query.split]
+    if query.num_prompts > available:
+        raise PromptSourceError(
+            f"{query.group}.num_prompts={query.num_prompts}, but source 'digits' "
+            f"(packaged digits prompts, split {query.split!r}) has only {available} prompts"
+        )
 
 
 def _load_file(query: PromptQuery) -> list[str]:
@@ -198,12 +214,15 @@ def _load_hf(query: PromptQuery) -> list[str]:
     return _non_blank(rows[name])
 
 
-PROMPT_SOURCES: dict[str, PromptSource] = {
-    "tiny": PromptSource(_load_tiny),
-    "digits": PromptSource(_load_digits),
-    "file": PromptSource(_load_file),
-    "hf": PromptSource(_load_hf, check=_check_hf),
-}
+PROMPT_SOURCES: Registry[PromptSource] = Registry(
+    "prompt source",
+    {
+        "tiny": PromptSource(_load_tiny),
+        "digits": PromptSource(_load_digits, check=_check_digits),
+        "file": PromptSource(_load_file),
+        "hf": PromptSource(_load_hf, check=_check_hf),
+    },
+)
 
 
 def get_prompt_source(source: str, group: str = "calibration") -> PromptSource:
@@ -279,8 +298,8 @@ def check_prompt_source(
     """Validate a prompt source before any model loads; raise ``PromptSourceError`` naming the field.
 
     Local sources are read in full (cheap), so the file, column and count are checked; sources with
-    their own ``check`` (``hf``: dataset name and ``datasets`` install) are not read, as that may
-    download.
+    their own ``check`` are not read, as that may download or import torch (``hf``: dataset name and
+    ``datasets`` install; ``digits``: split and count).
 
     Args:
         source: Name in ``PROMPT_SOURCES``.

@@ -6,7 +6,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import torch
+from obsdiff.registry import Registry
+
+# torch is imported inside the schedules that need it: the names are read by config validation,
+# which must not import torch.
 
 
 def _uniform(T: int, a_min: float, a_max: float) -> list[float]:
@@ -14,10 +17,14 @@ def _uniform(T: int, a_min: float, a_max: float) -> list[float]:
 
 
 def _linear_increase(T: int, a_min: float, a_max: float) -> list[float]:
+    import torch
+
     return torch.linspace(a_min, a_max, T, dtype=torch.float64).tolist()
 
 
 def _linear_decrease(T: int, a_min: float, a_max: float) -> list[float]:
+    import torch
+
     return torch.linspace(a_max, a_min, T, dtype=torch.float64).tolist()
 
 
@@ -40,14 +47,17 @@ def _cosine_decrease(T: int, a_min: float, a_max: float) -> list[float]:
     return [a_min + (a_max - a_min) * 0.5 * (1 + math.cos(math.pi * i / (T - 1))) for i in range(T)]
 
 
-SCHEDULES: dict[str, Callable[[int, float, float], list[float]]] = {
-    "uniform": _uniform,
-    "linear_increase": _linear_increase,
-    "linear_decrease": _linear_decrease,
-    "log_increase": _log_increase,
-    "log_decrease": _log_decrease,
-    "cosine_decrease": _cosine_decrease,
-}
+SCHEDULES: Registry[Callable[[int, float, float], list[float]]] = Registry(
+    "schedule (schedule.name)",
+    {
+        "uniform": _uniform,
+        "linear_increase": _linear_increase,
+        "linear_decrease": _linear_decrease,
+        "log_increase": _log_increase,
+        "log_decrease": _log_decrease,
+        "cosine_decrease": _cosine_decrease,
+    },
+)
 
 
 def timestep_weights(

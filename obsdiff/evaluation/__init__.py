@@ -1,21 +1,30 @@
-"""Evaluation: FID (injectable feature networks), CLIP score and image grids."""
+"""Evaluation: FID (injectable feature networks), CLIP score, prompt judges and image grids.
 
-from obsdiff.evaluation.clip import TensorCLIP, clip_score, load_clip, tiny_clip
-from obsdiff.evaluation.features import EfficientNetLite0FeatureNet, load_efficientnet_lite0
-from obsdiff.evaluation.fid import FEATURE_NETS, fid, get_feature_net, inception_feature_net
-from obsdiff.evaluation.grid import image_grid, save_image_grid
+This package imports nothing heavy: import the modules themselves (``obsdiff.evaluation.fid``, …).
+It holds the registries whose names config validation checks; their entries are lazy
+``"module:attr"`` references, imported (with torch) on first use.
+"""
 
-__all__ = [
-    "FEATURE_NETS",
-    "EfficientNetLite0FeatureNet",
-    "TensorCLIP",
-    "clip_score",
-    "fid",
-    "get_feature_net",
-    "image_grid",
-    "inception_feature_net",
-    "load_clip",
-    "load_efficientnet_lite0",
-    "save_image_grid",
-    "tiny_clip",
-]
+from obsdiff.registry import Registry
+
+# FID feature networks by name (``eval.feature_net``): ``builder(weights_path) -> nn.Module``.
+FEATURE_NETS: Registry = Registry(
+    "FID feature net (eval.feature_net)",
+    {
+        "efficientnet_lite0": "obsdiff.evaluation.features:load_efficientnet_lite0",
+        "inception_v3": "obsdiff.evaluation.fid:inception_feature_net",
+    },
+)
+# Real reference sets by name (``eval.real_images``): ``load(count, resolution) -> (N, 3, R, R)``;
+# ``eval.reference_dir`` reads a folder instead.
+REAL_IMAGES: Registry = Registry(
+    "real image set (eval.real_images)",
+    {"digits_heldout": "obsdiff.evaluation.evaluate:heldout_digits"},
+)
+# Prompt judges by name (``eval.prompt_judge``): ``obsdiff.evaluation.evaluate.PromptJudge``.
+PROMPT_JUDGES: Registry = Registry(
+    "prompt judge (eval.prompt_judge)",
+    {"digits_classifier": "obsdiff.evaluation.evaluate:DIGITS_CLASSIFIER_JUDGE"},
+)
+
+__all__ = ["FEATURE_NETS", "PROMPT_JUDGES", "REAL_IMAGES"]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.structure import HeadGroup
 
 
 def count_params(module: nn.Module) -> int:
@@ -35,18 +36,19 @@ def denoiser_cost(
     adapter: ModelAdapter,
     config: dict,
     architecture: dict[str, dict[str, int]],
-    batch: int,
+    calls: Sequence[int],
     latent_size: int,
     text_tokens: int,
 ) -> dict[str, Any]:
-    """Parameters and TFLOPs of ONE denoiser forward of a (possibly structurally pruned) shape.
+    """Parameters and TFLOPs of ONE sampler step of a (possibly structurally pruned) shape.
 
     Args:
         adapter: the model family's adapter (``empty_denoiser``, ``reshape``, ``example_inputs``).
         config: the dense denoiser config (e.g. SD3-Medium's ``transformer/config.json``).
         architecture: per-block shapes that differ from ``config`` (``{}`` = dense), as returned by
             ``adapter.architecture``.
-        batch: denoiser batch (CFG doubles the prompts).
+        calls: rows of each denoiser call in one step (``adapter.denoiser_calls``: ``[2]`` for a
+            CFG-doubled batch, ``[1, 1]`` for true CFG in two calls).
         latent_size: latent side (``resolution // vae_scale_factor``).
         text_tokens: prompt tokens the denoiser attends to.
 
@@ -56,35 +58,35 @@ def denoiser_cost(
     """
     model = adapter.empty_denoiser(config)  # meta: shapes only
     adapter.reshape(model, architecture)
-    inputs = adapter.example_inputs(model, batch, latent_size, text_tokens)
-    return {"params": count_params(model), "tflops": forward_flops(model, inputs) / 1e12}
+    flops = sum(
+        forward_flops(model, adapter.example_inputs(model, rows, latent_size, text_tokens)) for rows in calls
+    )
+    return {"params": count_params(model), "tflops": flops / 1e12}
 
 
 def structured_architecture(
     adapter: ModelAdapter, config: dict, ratio: float, blocks: Sequence[int]
 ) -> dict[str, dict[str, int]]:
-    """The shape left by removing ``round(n · ratio)`` heads and FFN neurons in ``blocks``.
+    """The shape left by removing ``round(n · ratio)`` heads and FFN neurons of every group in ``blocks``.
 
-    Uses the adapter's structured units on a ``meta`` model, so blocks without prunable heads
-    (SD3's ``context_pre_only`` last block) keep their heads, as in a real structured run. Which
-    heads / neurons go does not matter for cost or latency; the first ones are removed.
+    Uses the adapter's structure units on a ``meta`` model, so groups a real run skips (SD3's
+    ``context_pre_only`` heads) are skipped here too. Which heads / neurons go does not matter
+    for cost or latency; the first ones are removed.
 
     Args:
         adapter: the model family's adapter.
         config: the dense denoiser config.
-        ratio: fraction of heads and of FFN neurons removed per unit.
+        ratio: fraction of heads and of FFN neurons removed per group.
         blocks: block indices to shrink.
 
     Returns:
         The per-block architecture (``adapter.architecture`` of the shrunk model).
     """
     model = adapter.empty_denoiser(config)
-    for unit in adapter.structured_units(model, blocks):
-        widths = {layer: model.get_submodule(layer).in_features for layer in unit.layers}
-        if unit.kind == "heads":
-            heads = next(iter(widths.values())) // unit.head_dim
-            removed = {layer: list(range(round(heads * ratio))) for layer in unit.layers}
-        else:
-            removed = {layer: list(range(round(width * ratio))) for layer, width in widths.items()}
+    for unit in adapter.structure_units(model, blocks):
+        removed = {}
+        for group in unit:
+            size = group.num_heads if isinstance(group, HeadGroup) else group.width
+            removed[group.key] = list(range(round(size * ratio)))
         adapter.remove_structure(model, unit, removed)
     return adapter.architecture(model)

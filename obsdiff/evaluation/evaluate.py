@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from obsdiff.calibration.prompts import load_prompts
+from obsdiff.evaluation import PROMPT_JUDGES, REAL_IMAGES  # registries with torch-free names, lazy entries
 from obsdiff.evaluation.clip import clip_score, load_clip, tiny_clip
 from obsdiff.evaluation.fid import FidReference, get_feature_net, image_features
 from obsdiff.models.base import ModelAdapter, slice_embeds
@@ -35,13 +36,13 @@ class EvalSet:
     seeds: list[int]
 
 
-def prepare_eval_set(adapter: ModelAdapter, pipe: Any, ecfg: Any, max_sequence_length: int) -> EvalSet:
+def prepare_eval_set(adapter: ModelAdapter, pipe: Any, ecfg: Any) -> EvalSet:
     """Load and encode the evaluation prompts (before the text encoders are offloaded)."""
     num = ecfg.num_prompts + ecfg.skip_prompts
     prompts = load_prompts(ecfg.source, num, ecfg.path, ecfg.column, ecfg.dataset, ecfg.split, group="eval")[
         ecfg.skip_prompts :
     ]
-    embeds = adapter.encode(pipe, prompts, ecfg.guidance_scale, ecfg.batch_size, max_sequence_length)
+    embeds = adapter.encode(pipe, prompts, ecfg.guidance_scale, ecfg.batch_size)
     return EvalSet(prompts, embeds, [ecfg.seed + i for i in range(len(prompts))])
 
 
@@ -88,10 +89,6 @@ def heldout_digits(count: int, resolution: int) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-# Real reference sets by name (``eval.real_images``); ``eval.reference_dir`` reads a folder instead.
-REAL_IMAGES: dict[str, Callable[[int, int], torch.Tensor]] = {"digits_heldout": heldout_digits}
-
-
 class PromptJudge(NamedTuple):
     """A prompt judge: ``build()`` gives a scorer ``(images, prompts) -> {part: fraction}`` whose
     ``all`` part is the fraction of images showing everything their prompt asks for; ``weights()``
@@ -115,15 +112,13 @@ def _digits_classifier_weights() -> Path:
     return shipped_weights()
 
 
-# Prompt judges by name (``eval.prompt_judge``).
-PROMPT_JUDGES: dict[str, PromptJudge] = {
-    "digits_classifier": PromptJudge(
-        "digits classifier: digit, foreground and background all as prompted "
-        "(the tiny model's stand-in for CLIP score)",
-        _digits_classifier,
-        _digits_classifier_weights,
-    ),
-}
+# The ``digits_classifier`` entry of ``PROMPT_JUDGES`` (``eval.prompt_judge``).
+DIGITS_CLASSIFIER_JUDGE = PromptJudge(
+    "digits classifier: digit, foreground and background all as prompted "
+    "(the tiny model's stand-in for CLIP score)",
+    _digits_classifier,
+    _digits_classifier_weights,
+)
 
 
 def load_real_images(ecfg: Any, count: int) -> torch.Tensor | None:
@@ -200,7 +195,7 @@ def real_reference(
 ) -> FidReference | None:
     """Feature statistics of the eval's real images (``None`` if it has none), cached on disk per
     image set, resolution and feature network, so a sweep computes them once."""
-    from obsdiff.artifacts import config_hash, files_fingerprint, library_versions
+    from obsdiff.provenance import config_hash, files_fingerprint, library_versions
 
     if not ecfg.reference_dir and not ecfg.get("real_images"):
         return None
@@ -226,7 +221,7 @@ def dense_baseline(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dense images and metrics; sets the scorer's references. Dense generations and reference
     statistics are cached under ``cfg.cache_dir`` per model + eval config, so a sweep makes them once."""
-    from obsdiff.artifacts import config_hash, files_fingerprint, library_versions
+    from obsdiff.provenance import config_hash, files_fingerprint, library_versions
 
     ecfg = cfg.eval
     real = real_reference(ecfg, len(evalset.prompts), scorer.feature_net, cfg.cache_dir)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import NoTrainInceptionV3, _compute_fid
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-from obsdiff.evaluation.features import load_efficientnet_lite0
+from obsdiff.evaluation import FEATURE_NETS  # the registry: names torch-free, entries lazy
 
 INCEPTION_FEATURES = 2048
 # Images per feature-network call: on CPU, EfficientNet-Lite0 at 224² ran 2.3x faster per image in
@@ -63,12 +61,6 @@ def inception_feature_net(weights_path: str | None = None) -> nn.Module:
             "or use the feature net `efficientnet_lite0`, which needs no extra package."
         )
     return UnitRangeInception(weights_path)
-
-
-FEATURE_NETS: dict[str, Callable[[str | None], nn.Module]] = {
-    "efficientnet_lite0": load_efficientnet_lite0,
-    "inception_v3": inception_feature_net,
-}
 
 
 def get_feature_net(name: str, weights_path: str | None = None) -> nn.Module:

@@ -1,17 +1,31 @@
-"""Model adapters, found by family name (one module per family)."""
+"""Model adapters, found by family name (one module per family, imported on first use)."""
 
-from obsdiff.models.base import ModelAdapter, ModelNotAvailableError, StructuredUnit, Unit
-from obsdiff.models.sd3 import SD3Adapter
+from __future__ import annotations
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {"sd3": SD3Adapter}
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from obsdiff.models.base import ModelAdapter, ModelConfigError, ModelNotAvailableError, Unit
+
+# family -> "module:class"; a new family is one module and one line here.
+ADAPTERS: dict[str, str] = {
+    "sd3": "obsdiff.models.sd3:SD3Adapter",
+    "flux": "obsdiff.models.flux:FluxAdapter",
+}
 
 
-def get_adapter(family: str) -> ModelAdapter:
-    """Return an adapter for ``family``; raise with the known families otherwise."""
-    try:
-        return ADAPTERS[family]()
-    except KeyError:
-        raise KeyError(f"unknown model family {family!r}; known families: {sorted(ADAPTERS)}") from None
+def adapter_class(family: str) -> type[ModelAdapter]:
+    """The adapter class of ``family``; raises with the known families otherwise."""
+    if family not in ADAPTERS:
+        raise ModelConfigError(f"model.family={family!r} is unknown; known families: {sorted(ADAPTERS)}")
+    module, _, name = ADAPTERS[family].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModelNotAvailableError", "StructuredUnit", "Unit", "get_adapter"]
+def get_adapter(family: str, options: Mapping[str, Any] | None = None) -> ModelAdapter:
+    """An adapter for ``family`` with its ``model.options`` checked."""
+    return adapter_class(family)(options)
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelConfigError", "ModelNotAvailableError", "Unit", "get_adapter"]

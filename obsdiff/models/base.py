@@ -1,51 +1,51 @@
-"""What the pruning loop needs from a model family; one subclass per family."""
+"""What the pruning loop, the config checks and the cost counters ask a model family.
+
+One subclass of :class:`ModelAdapter` per family (``models/<family>.py``) answers every family
+fact: block counts and the default block ranges, target names and their widths, basic units and
+structure groups, the CFG rule (denoiser calls per sampler step), text-token counts, encoder
+options, loading, encoding and the sampler call. Nothing outside ``models/`` holds such facts.
+
+Config questions are answered from the denoiser's ``config.json`` alone (no torch import):
+``torch`` is a :class:`~obsdiff.lazy.LazyModule` here and in the family modules.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from obsdiff.lazy import nn, torch
+from obsdiff.models.structure import HeadGroup, StructureUnit
 
 # A basic unit: input groups (layers that see the same input) whose inputs are independent
 # within one forward pass. Names are relative to the denoiser.
 Unit = list[tuple[str, ...]]
 
-
-@dataclass(frozen=True)
-class StructuredUnit:
-    """A structured-pruning unit: heads of one attention, or the neurons of a block's FFNs.
-
-    Args:
-        kind: ``"heads"`` (``layers`` lose the same heads jointly) or ``"ffn"`` (every layer
-            loses its own neurons independently).
-        block: the block index.
-        layers: the OBS layers, each with its own Hessian: output projections (heads) or
-            down-projections (FFN neurons = their input columns).
-        head_dim: ``d_h`` for ``"heads"`` units (from the model config).
-    """
-
-    kind: str
-    block: int
-    layers: tuple[str, ...]
-    head_dim: int = 0
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
+KNOWN_CONFIGS = Path(__file__).with_name("configs")
 
 
 class ModelNotAvailableError(RuntimeError):
     """The configured weights cannot be found (offline and not cached, or a wrong path)."""
 
 
-def resolve_device(device: str) -> torch.device:
+class ModelConfigError(ValueError):
+    """A model option, block or target that this family cannot take."""
+
+
+def resolve_device(device: str) -> Any:
     """``auto`` → CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def torch_dtype(name: str) -> Any:
+    """``"bfloat16"`` → ``torch.bfloat16``."""
+    return getattr(torch, name)
 
 
 def offline() -> bool:
@@ -53,46 +53,114 @@ def offline() -> bool:
 
 
 class ModelAdapter:
-    """Model-family specifics: loading, layer layout, prompt encoding and the sampler call.
+    """Model-family specifics; the pruning loop, configs and cost counters only use this interface.
 
-    Subclasses define ``family``, ``default_targets`` and the methods below; the pruning loop
-    only talks to this interface.
+    Args:
+        options: the family's ``model.options`` (unknown keys are refused; missing ones take
+            ``default_options``).
     """
 
     family: str = ""
     default_targets: tuple[str, ...] = ()
+    default_options: Mapping[str, Any] = {}
+    denoiser_subfolder = "transformer"
+    # Embedded pipelines by the name ``model.path`` gives them, and shipped denoiser configs of
+    # hub models (so that experiments are checked offline before any download).
+    embedded: Mapping[str, Path] = {}
+    known_configs: Mapping[str, str] = {}
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.default_options))
+        if unknown:
+            raise ModelConfigError(
+                f"model.options: unknown {unknown} for family {self.family!r}; "
+                f"allowed: {sorted(self.default_options) or 'none'}"
+            )
+        self.options = {**self.default_options, **options}
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Refuse option values the family cannot take (called on construction)."""
+
+    # -- config questions (no weights, no torch) ------------------------------------------------
+
+    def weights_location(self, model_cfg: Any) -> str:
+        """Where ``load`` reads weights from: an embedded model's folder, else ``model.path``."""
+        path = str(model_cfg.path)
+        return str(self.embedded[path]) if path in self.embedded else path
 
     def denoiser_config(self, model_cfg: Any) -> dict:
-        """The denoiser's config (no weights loaded), for validating a run before loading."""
+        """The denoiser's ``config.json``: local folder, hub cache, shipped copy, or download."""
+        location = self.weights_location(model_cfg)
+        local = Path(location) / self.denoiser_subfolder / "config.json"
+        if local.is_file():
+            return json.loads(local.read_text())
+        if Path(location).is_dir():
+            raise ModelNotAvailableError(
+                f"model.path={model_cfg.path!r}: no {self.denoiser_subfolder}/config.json"
+            )
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        filename = f"{self.denoiser_subfolder}/config.json"
+        cached = try_to_load_from_cache(location, filename)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+        if location in self.known_configs:
+            return json.loads((KNOWN_CONFIGS / self.known_configs[location]).read_text())
+        try:
+            return json.loads(Path(hf_hub_download(location, filename)).read_text())
+        except Exception as err:  # offline, unknown repo, gated repo: one message with the fix
+            raise not_available(str(model_cfg.path), err) from err
+
+    def num_blocks(self, config: Mapping) -> int:
+        """Transformer blocks in forward order (the index space of ``pruner.blocks``)."""
+        raise NotImplementedError
+
+    def default_blocks(self, config: Mapping, structured: bool) -> list[int] | None:
+        """``pruner.blocks=null``: every block; structured runs keep the first and last (``[1, L−1)``)."""
+        return list(range(1, self.num_blocks(config) - 1)) if structured else None
+
+    def target_widths(self, config: Mapping, targets: Sequence[str]) -> dict[str, int]:
+        """Input features of each target (N:M needs ``m`` to divide them)."""
+        raise NotImplementedError
+
+    def attention_heads(self, config: Mapping) -> dict[str, int]:
+        """Head count of each kind of attention that structured runs prune (``attn``: 24)."""
         raise NotImplementedError
 
     def check(self, model_cfg: Any, blocks: Sequence[int] | None, targets: Sequence[str]) -> dict[str, int]:
-        """Validate blocks and targets against the config; return ``target -> in_features``."""
+        """Validate blocks and targets against the denoiser config; return ``target -> in_features``."""
+        config = self.denoiser_config(model_cfg)
+        num = self.num_blocks(config)
+        bad_blocks = [b for b in (blocks or []) if not 0 <= b < num]
+        if bad_blocks:
+            raise ModelConfigError(f"pruner.blocks: {bad_blocks} out of range for a model with {num} blocks")
+        unknown = [t for t in targets if t not in self.default_targets]
+        if unknown:
+            raise ModelConfigError(
+                f"pruner.targets: unknown {unknown}; allowed: {list(self.default_targets)}"
+            )
+        return self.target_widths(config, targets)
+
+    def denoiser_calls(self, guidance_scale: float, config: Mapping) -> list[int]:
+        """Rows of every denoiser call in one sampler step, per prompt (CFG doubled: ``[2]``)."""
         raise NotImplementedError
+
+    # -- the pipeline ----------------------------------------------------------------------------
 
     def load(self, model_cfg: Any) -> Any:
         """Load the pipeline on the configured device and dtype."""
         raise NotImplementedError
 
-    def weights_location(self, model_cfg: Any) -> str:
-        """Where ``load`` reads weights from: a local folder, or a hub id (caches key on its files)."""
-        return str(model_cfg.path)
-
     def denoiser(self, pipe: Any) -> nn.Module:
-        raise NotImplementedError
+        return getattr(pipe, self.denoiser_subfolder)
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
         """Basic units of the target layers, block by block in forward order."""
         raise NotImplementedError
 
-    def encode(
-        self,
-        pipe: Any,
-        prompts: list[str],
-        guidance_scale: float,
-        batch_size: int,
-        max_sequence_length: int = 256,
-    ) -> dict:
+    def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
         """Encode prompts once; tensors on the CPU, batched over prompts along dim 0."""
         raise NotImplementedError
 
@@ -100,82 +168,80 @@ class ModelAdapter:
         self,
         pipe: Any,
         embeds: dict,
-        generators: list[torch.Generator],
+        generators: list,
         num_steps: int,
         guidance_scale: float,
         resolution: int,
         callback: Any = None,
         output_type: str = "latent",
-    ) -> torch.Tensor:
+    ) -> Any:
         """Run the sampler on pre-encoded prompts; ``output_type='latent'`` skips the VAE decode."""
         raise NotImplementedError
 
     def offload_text_encoders(self, pipe: Any) -> None:
         """Move the text encoders off the accelerator once prompts are encoded."""
-        raise NotImplementedError
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                encoder.to("cpu")
 
-    def text_tokens(self, pipe: Any, max_sequence_length: int) -> int:
+    def text_tokens(self, pipe: Any) -> int:
         """Prompt tokens the denoiser attends to (for FLOP counts)."""
         raise NotImplementedError
 
-    def empty_denoiser(self, config: dict, device: torch.device | str = "meta") -> nn.Module:
+    def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
         """The denoiser class built from ``config`` without weights (``meta``: no memory)."""
         raise NotImplementedError
 
     def example_inputs(
-        self,
-        denoiser: nn.Module,
-        batch: int,
-        resolution: int,
-        text_tokens: int,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
+        self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
+    ) -> dict:
         """Random keyword inputs of one denoiser forward (on the denoiser's device and dtype).
 
         Args:
             denoiser: the (possibly pruned, possibly ``meta``) denoiser.
-            batch: denoiser batch (CFG doubles the prompts).
+            batch: rows of the denoiser call.
             latent_size: latent side (``resolution // pipe.vae_scale_factor``).
             text_tokens: prompt tokens the denoiser attends to.
             generator: CPU generator for the random values.
         """
         raise NotImplementedError
 
-    # Structured pruning (METHOD.md §4): units, physical slicing, per-block architecture.
+    # -- structured pruning (METHOD.md §4) -------------------------------------------------------
 
-    def structured_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructuredUnit]:
-        """Head and FFN units of ``blocks``, in forward order."""
+    def structure_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructureUnit]:
+        """Head and neuron groups of ``blocks``, one unit per package entry, in forward order."""
         raise NotImplementedError
 
     def remove_structure(
-        self, denoiser: nn.Module, unit: StructuredUnit, removed: dict[str, list[int]]
+        self, denoiser: nn.Module, unit: StructureUnit, removed: dict[str, list[int]]
     ) -> None:
-        """Physically delete heads (``removed[layer]`` = head indices, the same for every layer of
-        a ``"heads"`` unit) or FFN neurons (per down-projection) from the denoiser."""
+        """Physically delete the removed heads / neurons (``removed[group.key]``, dense indexing)."""
         raise NotImplementedError
 
     def architecture(self, denoiser: nn.Module) -> dict[str, dict[str, int]]:
-        """Per-block shapes that differ from the dense config (block index → field → size)."""
+        """Per-block shapes that differ from the dense config: block → group name → heads / width."""
         raise NotImplementedError
 
-    def reshape(self, denoiser: nn.Module, architecture: dict[str, dict[str, int]]) -> None:
+    def reshape(self, denoiser: nn.Module, architecture: Mapping[str, Mapping[str, int]]) -> None:
         """Give a dense denoiser the shapes of ``architecture`` (weights to be loaded after)."""
-        raise NotImplementedError
+        for unit in self.structure_units(denoiser, sorted(int(b) for b in architecture)):
+            shape = architecture[str(unit[0].block)]
+            removed = {}
+            for group in unit:
+                size = group.num_heads if isinstance(group, HeadGroup) else group.width
+                if group.name in shape:  # keep the first heads / neurons; weights are loaded after
+                    removed[group.key] = list(range(shape[group.name], size))
+            self.remove_structure(denoiser, unit, removed)
 
 
-def keep_linear(
-    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> nn.Linear:
-    """A new ``nn.Linear`` holding only output ``rows`` and input ``cols`` (weights and bias)."""
-    W = linear.weight.data
-    W = W if rows is None else W[rows]
-    W = W if cols is None else W[:, cols]
-    out = nn.Linear(W.shape[1], W.shape[0], bias=linear.bias is not None, device="meta")
-    out.weight = nn.Parameter(W.contiguous(), requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        bias = linear.bias.data if rows is None else linear.bias.data[rows]
-        out.bias = nn.Parameter(bias.contiguous(), requires_grad=linear.bias.requires_grad)
-    return out
+def not_available(path: str, err: Exception) -> ModelNotAvailableError:
+    mode = "offline (HF_HUB_OFFLINE=1)" if offline() else "online"
+    return ModelNotAvailableError(
+        f"model.path={path!r}: weights not found ({mode}): {err}. Point model.path at a local "
+        f"diffusers folder, or download it first (`huggingface-cli download {path}`) on a machine "
+        "with internet access and a Hugging Face token that has accepted the model licence."
+    )
 
 
 def slice_embeds(embeds: dict, start: int, stop: int) -> dict:

@@ -1,29 +1,25 @@
-"""Stable Diffusion 3 / 3.5 (MMDiT) adapter: blocks, target layers, basic units, sampler."""
+"""Stable Diffusion 3 / 3.5 (MMDiT) adapter: blocks, target layers, units, structure, sampler."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
+from obsdiff.lazy import nn, torch
 from obsdiff.models.base import (
-    DTYPES,
     ModelAdapter,
+    ModelConfigError,
     ModelNotAvailableError,
-    StructuredUnit,
     Unit,
-    keep_linear,
-    offline,
+    not_available,
     resolve_device,
+    torch_dtype,
 )
+from obsdiff.models.structure import HeadGroup, NeuronGroup, StructureUnit, slice_unit
 
 TINY_CONFIG = Path(__file__).with_name("tiny_sd3.json")
-# Trained pipelines shipped in the package, by the name ``model.path`` gives them.
-EMBEDDED = {"tiny_digits": Path(__file__).with_name("tiny_digits")}
 
 # METHOD.md §5: every linear layer of attention and FFN in a joint transformer block.
 SD3_TARGETS = (
@@ -47,52 +43,68 @@ SD3_UNITS: tuple[tuple[tuple[str, ...], ...], ...] = (
 )
 FFN_DOWN = ("ff.net.2", "ff_context.net.2")
 # METHOD.md §4: heads are scored on both output projections; Q/K/V rows follow without compensation.
-HEAD_OUTPUTS = ("attn.to_out.0", "attn.to_add_out")
 HEAD_INPUTS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
-def local_path(path: str) -> str:
-    """The packaged folder of an embedded model's name (``tiny_digits``); any other path unchanged."""
-    return str(EMBEDDED[path]) if path in EMBEDDED else path
-
-
 class SD3Adapter(ModelAdapter):
-    """``StableDiffusion3Pipeline`` + ``SD3Transformer2DModel`` (SD3-Medium, SD3.5, the tiny model)."""
+    """``StableDiffusion3Pipeline`` + ``SD3Transformer2DModel`` (SD3-Medium, SD3.5, the tiny models).
+
+    Options: ``text_encoder_3`` (``null`` drops T5-XXL: the pipeline feeds zero T5 rows) and
+    ``max_sequence_length`` (T5 tokens, zero rows without T5, as at inference).
+    """
 
     family = "sd3"
     default_targets = SD3_TARGETS + DUAL_ATTENTION_TARGETS
+    default_options = {"text_encoder_3": "auto", "max_sequence_length": 256}
+    embedded = {"tiny_digits": Path(__file__).with_name("tiny_digits")}
+    known_configs = {
+        "stabilityai/stable-diffusion-3-medium-diffusers": "sd3_medium.json",
+        "stabilityai/stable-diffusion-3.5-large": "sd35_large.json",
+        "stabilityai/stable-diffusion-3.5-medium": "sd35_medium.json",
+    }
+    # obsdiff-bench --random: name -> (model.path, VAE downscale, prompt tokens: 77 CLIP + T5)
+    random_shapes = {
+        "sd3_medium": ("stabilityai/stable-diffusion-3-medium-diffusers", 8, 77 + 256),
+        "sd35_large": ("stabilityai/stable-diffusion-3.5-large", 8, 77 + 256),
+        "tiny": ("tiny", 2, 77),
+    }
 
-    def weights_location(self, model_cfg: Any) -> str:
-        """The packaged folder of an embedded model, else ``model.path``."""
-        return local_path(model_cfg.path)
+    def check_options(self) -> None:
+        msl, te3 = self.options["max_sequence_length"], self.options["text_encoder_3"]
+        if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
+            raise ModelConfigError(
+                f"model.options.max_sequence_length={msl!r}; allowed: an integer in [1, 512]"
+            )
+        if te3 not in ("auto", None):
+            raise ModelConfigError(f"model.options.text_encoder_3={te3!r}; allowed: auto, null (drops T5)")
+
+    # -- config questions ------------------------------------------------------------------------
 
     def denoiser_config(self, model_cfg: Any) -> dict:
         if model_cfg.path == "tiny":
             return json.loads(TINY_CONFIG.read_text())["transformer"]
-        from diffusers import SD3Transformer2DModel
+        return super().denoiser_config(model_cfg)
 
-        try:
-            return dict(
-                SD3Transformer2DModel.load_config(self.weights_location(model_cfg), subfolder="transformer")
-            )
-        except (OSError, ValueError) as err:
-            raise self._not_available(model_cfg.path, err) from err
+    def num_blocks(self, config: Mapping) -> int:
+        return config["num_layers"]
 
-    def check(self, model_cfg: Any, blocks: Sequence[int] | None, targets: Sequence[str]) -> dict[str, int]:
-        config = self.denoiser_config(model_cfg)
-        num_layers = config["num_layers"]
-        bad_blocks = [b for b in (blocks or []) if not 0 <= b < num_layers]
-        if bad_blocks:
-            raise ValueError(f"pruner.blocks: {bad_blocks} out of range for a model with {num_layers} blocks")
-        unknown = [t for t in targets if t not in self.default_targets]
-        if unknown:
-            raise ValueError(f"pruner.targets: unknown {unknown}; allowed: {list(self.default_targets)}")
+    def target_widths(self, config: Mapping, targets: Sequence[str]) -> dict[str, int]:
         dim = config["num_attention_heads"] * config["attention_head_dim"]
         return {t: 4 * dim if t in FFN_DOWN else dim for t in targets}
 
+    def attention_heads(self, config: Mapping) -> dict[str, int]:
+        heads = {"attn": config["num_attention_heads"]}
+        if config.get("dual_attention_layers"):
+            heads["attn2"] = config["num_attention_heads"]
+        return heads
+
+    def denoiser_calls(self, guidance_scale: float, config: Mapping) -> list[int]:
+        return [2] if guidance_scale > 1 else [1]  # CFG: one call on the doubled batch
+
+    # -- the pipeline ----------------------------------------------------------------------------
+
     def load(self, model_cfg: Any) -> Any:
-        device = resolve_device(model_cfg.device)
-        dtype = DTYPES[model_cfg.torch_dtype]
+        device, dtype = resolve_device(model_cfg.device), torch_dtype(model_cfg.torch_dtype)
         if model_cfg.path == "tiny":
             from obsdiff.models.tiny_sd3 import build_tiny_sd3_pipeline
 
@@ -103,26 +115,14 @@ class SD3Adapter(ModelAdapter):
             from diffusers import StableDiffusion3Pipeline
 
             kwargs: dict[str, Any] = {"torch_dtype": dtype}
-            if model_cfg.text_encoder_3 is None:
+            if self.options["text_encoder_3"] is None:
                 kwargs.update(text_encoder_3=None, tokenizer_3=None)
             try:
                 pipe = StableDiffusion3Pipeline.from_pretrained(self.weights_location(model_cfg), **kwargs)
             except OSError as err:
-                raise self._not_available(model_cfg.path, err) from err
+                raise not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
-
-    @staticmethod
-    def _not_available(path: str, err: Exception) -> ModelNotAvailableError:
-        mode = "offline (HF_HUB_OFFLINE=1)" if offline() else "online"
-        return ModelNotAvailableError(
-            f"model.path={path!r}: weights not found ({mode}): {err}. Point model.path at a local "
-            f"diffusers folder, or download it first (`huggingface-cli download {path}`) on a machine "
-            "with internet access and a Hugging Face token that has accepted the model licence."
-        )
-
-    def denoiser(self, pipe: Any) -> nn.Module:
-        return pipe.transformer
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
         wanted = set(targets)
@@ -141,17 +141,10 @@ class SD3Adapter(ModelAdapter):
                     units.append(groups)
         return units
 
-    def encode(
-        self,
-        pipe: Any,
-        prompts: list[str],
-        guidance_scale: float,
-        batch_size: int,
-        max_sequence_length: int = 256,
-    ) -> dict:
+    def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
         do_cfg = guidance_scale > 1
         device = pipe.text_encoder.device
-        parts: dict[str, list[torch.Tensor]] = {}
+        parts: dict[str, list] = {}
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             with torch.no_grad():
@@ -161,7 +154,7 @@ class SD3Adapter(ModelAdapter):
                     prompt_3=None,
                     device=device,
                     do_classifier_free_guidance=do_cfg,
-                    max_sequence_length=max_sequence_length,
+                    max_sequence_length=self.options["max_sequence_length"],
                 )
             out = {
                 "prompt_embeds": pe,
@@ -178,13 +171,13 @@ class SD3Adapter(ModelAdapter):
         self,
         pipe: Any,
         embeds: dict,
-        generators: list[torch.Generator],
+        generators: list,
         num_steps: int,
         guidance_scale: float,
         resolution: int,
         callback: Any = None,
         output_type: str = "latent",
-    ) -> torch.Tensor:
+    ) -> Any:
         device = pipe.transformer.device
         with torch.no_grad():
             out = pipe(
@@ -199,17 +192,11 @@ class SD3Adapter(ModelAdapter):
             )
         return out.images
 
-    def offload_text_encoders(self, pipe: Any) -> None:
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            encoder = getattr(pipe, name, None)
-            if encoder is not None:
-                encoder.to("cpu")
-
-    def text_tokens(self, pipe: Any, max_sequence_length: int) -> int:
+    def text_tokens(self, pipe: Any) -> int:
         # CLIP tokens + T5 tokens (zeros when T5 is dropped, still attended to).
-        return pipe.tokenizer_max_length + max_sequence_length
+        return pipe.tokenizer_max_length + self.options["max_sequence_length"]
 
-    def empty_denoiser(self, config: dict, device: torch.device | str = "meta") -> nn.Module:
+    def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
         from diffusers import SD3Transformer2DModel
 
         with torch.device(device):
@@ -218,16 +205,11 @@ class SD3Adapter(ModelAdapter):
             )
 
     def example_inputs(
-        self,
-        denoiser: nn.Module,
-        batch: int,
-        latent_size: int,
-        text_tokens: int,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
+        self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
+    ) -> dict:
         cfg, p = denoiser.config, next(denoiser.parameters())
 
-        def rand(*shape: int) -> torch.Tensor:
+        def rand(*shape: int) -> Any:
             if p.device.type == "meta":
                 return torch.empty(shape, device="meta", dtype=p.dtype)
             return torch.randn(shape, generator=generator).to(p.device, p.dtype)
@@ -239,81 +221,71 @@ class SD3Adapter(ModelAdapter):
             "timestep": torch.full((batch,), 500.0, device=p.device, dtype=p.dtype),
         }
 
-    def structured_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructuredUnit]:
+    # -- structured pruning ----------------------------------------------------------------------
+
+    def structure_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructureUnit]:
         head_dim = denoiser.config.attention_head_dim
-        units = []
+        units: list[StructureUnit] = []
         for b in sorted(blocks):
-            block = denoiser.transformer_blocks[b]
+            block, prefix = denoiser.transformer_blocks[b], f"transformer_blocks.{b}"
             if not block.context_pre_only:  # joint attention needs both output projections
-                units.append(
-                    StructuredUnit(
-                        "heads", b, tuple(f"transformer_blocks.{b}.{n}" for n in HEAD_OUTPUTS), head_dim
-                    )
-                )
-            ffns = [n for n in FFN_DOWN if getattr(block, n.split(".")[0]) is not None]
-            units.append(StructuredUnit("ffn", b, tuple(f"transformer_blocks.{b}.{n}" for n in ffns)))
+                units.append((_heads(block.attn, b, "attn", prefix, ("to_out.0", "to_add_out"), head_dim),))
+            if getattr(block, "attn2", None) is not None:  # SD3.5 dual attention: image-only
+                units.append((_heads(block.attn2, b, "attn2", prefix, ("to_out.0",), head_dim),))
+            ffns = [name for name in ("ff", "ff_context") if getattr(block, name, None) is not None]
+            units.append(tuple(_neurons(getattr(block, name), b, name, prefix) for name in ffns))
         return units
 
     def remove_structure(
-        self, denoiser: nn.Module, unit: StructuredUnit, removed: dict[str, list[int]]
+        self, denoiser: nn.Module, unit: StructureUnit, removed: dict[str, list[int]]
     ) -> None:
-        block = denoiser.transformer_blocks[unit.block]
-        if unit.kind == "heads":
-            heads = sorted(set(removed[unit.layers[0]]))
-            _remove_heads(block.attn, heads, unit.head_dim)
-        else:
-            for layer, cols in removed.items():
-                ff = getattr(block, layer.split(".")[-3])  # transformer_blocks.{b}.<ff|ff_context>.net.2
-                keep = _complement(ff.net[2].in_features, cols)
-                ff.net[0].proj = keep_linear(ff.net[0].proj, rows=keep)  # up-projection rows + bias
-                ff.net[2] = keep_linear(ff.net[2], cols=keep)  # down-projection input columns
+        slice_unit(denoiser, unit, removed)
+        for group in unit:
+            if isinstance(group, HeadGroup):
+                attn = denoiser.transformer_blocks[group.block].get_submodule(group.name)
+                attn.heads = group.num_heads - len(removed.get(group.key, []))  # processors read it
+                attn.inner_dim = attn.inner_kv_dim = attn.heads * group.head_dim
 
     def architecture(self, denoiser: nn.Module) -> dict[str, dict[str, int]]:
         cfg = denoiser.config
-        dense = {"heads": cfg.num_attention_heads, "ff": 4 * cfg.num_attention_heads * cfg.attention_head_dim}
+        dense_heads, dense_ff = cfg.num_attention_heads, 4 * cfg.num_attention_heads * cfg.attention_head_dim
         arch: dict[str, dict[str, int]] = {}
         for b, block in enumerate(denoiser.transformer_blocks):
-            shape = {"heads": block.attn.heads, "ff": block.ff.net[2].in_features}
+            shape = {"attn": block.attn.heads, "ff": block.ff.net[2].in_features}
+            if getattr(block, "attn2", None) is not None:
+                shape["attn2"] = block.attn2.heads
             if block.ff_context is not None:
                 shape["ff_context"] = block.ff_context.net[2].in_features
-            changed = {k: v for k, v in shape.items() if v != dense["heads" if k == "heads" else "ff"]}
+            changed = {
+                k: v for k, v in shape.items() if v != (dense_heads if k.startswith("attn") else dense_ff)
+            }
             if changed:
                 arch[str(b)] = changed
         return arch
 
-    def reshape(self, denoiser: nn.Module, architecture: dict[str, dict[str, int]]) -> None:
-        head_dim = denoiser.config.attention_head_dim
-        for b, shape in architecture.items():
-            block = denoiser.transformer_blocks[int(b)]
-            if "heads" in shape:  # keep the first heads / neurons; the weights are loaded after
-                _remove_heads(block.attn, list(range(shape["heads"], block.attn.heads)), head_dim)
-            removed = {
-                f"transformer_blocks.{b}.{name}.net.2": list(
-                    range(shape[name], getattr(block, name).net[2].in_features)
-                )
-                for name in ("ff", "ff_context")
-                if name in shape
-            }
-            self.remove_structure(denoiser, StructuredUnit("ffn", int(b), tuple(removed)), removed)
+
+def _heads(
+    attn: nn.Module, b: int, name: str, prefix: str, outputs: tuple[str, ...], head_dim: int
+) -> HeadGroup:
+    inputs = tuple(f"{prefix}.{name}.{n}" for n in HEAD_INPUTS if getattr(attn, n, None) is not None)
+    return HeadGroup(
+        block=b,
+        name=name,
+        outputs=tuple(f"{prefix}.{name}.{n}" for n in outputs),
+        inputs=inputs,
+        cols=(0, attn.heads * head_dim),
+        head_dim=head_dim,
+    )
 
 
-def _complement(size: int, removed: Sequence[int]) -> torch.Tensor:
-    keep = torch.ones(size, dtype=torch.bool)
-    keep[list(removed)] = False
-    return keep.nonzero().flatten()
+def _neurons(ff: nn.Module, b: int, name: str, prefix: str) -> NeuronGroup:
+    return NeuronGroup(
+        block=b,
+        name=name,
+        down=f"{prefix}.{name}.net.2",
+        up=(f"{prefix}.{name}.net.0.proj",),
+        cols=(0, ff.net[2].in_features),
+    )
 
 
-def _remove_heads(attn: nn.Module, heads: Sequence[int], head_dim: int) -> None:
-    """Delete ``heads`` of a joint attention: Q/K/V (+ context Q/K/V) rows, output columns."""
-    if not heads:
-        return
-    keep_heads = _complement(attn.heads, heads)
-    keep = (keep_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()  # kept channels
-    for name in HEAD_INPUTS:
-        if getattr(attn, name, None) is not None:
-            setattr(attn, name, keep_linear(getattr(attn, name), rows=keep))
-    attn.to_out[0] = keep_linear(attn.to_out[0], cols=keep)
-    if getattr(attn, "to_add_out", None) is not None:
-        attn.to_add_out = keep_linear(attn.to_add_out, cols=keep)
-    attn.heads = len(keep_heads)  # the stock processors read the head count from here
-    attn.inner_dim = attn.inner_kv_dim = len(keep)
+__all__ = ["SD3Adapter", "ModelNotAvailableError"]

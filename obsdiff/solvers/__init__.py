@@ -4,46 +4,93 @@ Layer-wise (unstructured, N:M) a method is ``mask`` (which weights go: ``obs``, 
 ``wanda``, ``dsnot``) plus ``update`` (``obs``: the OBS compensation on that mask; ``none``: plain
 masking). ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice
 vs reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
+
+Importing this package does not import torch: config validation reads the registries' names.
+The solver modules load on first use; ``Pattern``, ``SolveResult``, ``obs_solve``,
+``reconstruction_error`` and ``CholeskyError`` are served from ``obsdiff.solvers.obs`` on access.
 """
 
+from __future__ import annotations
+
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from obsdiff.registry import Registry
 
-from obsdiff.solvers.dsnot import dsnot_solve
-from obsdiff.solvers.magnitude import apply_mask, magnitude_mask
-from obsdiff.solvers.obs import CholeskyError, Pattern, SolveResult, obs_solve, reconstruction_error
-from obsdiff.solvers.wanda import col_norms_from_hessian, wanda_mask
+if TYPE_CHECKING:
+    import torch
 
-Moments = tuple[torch.Tensor, torch.Tensor]  # per-column input mean and variance (DSnoT)
+    from obsdiff.solvers.obs import CholeskyError, Pattern, SolveResult, obs_solve, reconstruction_error
+
+Moments = tuple["torch.Tensor", "torch.Tensor"]  # per-column input mean and variance (DSnoT)
+_FROM_OBS = ("CholeskyError", "Pattern", "SolveResult", "obs_solve", "reconstruction_error")
+
+
+def __getattr__(name: str) -> Any:
+    """``from obsdiff.solvers import Pattern`` (etc.): import ``obsdiff.solvers.obs`` on first access."""
+    if name in _FROM_OBS:
+        return getattr(importlib.import_module("obsdiff.solvers.obs"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _obs_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
+    from obsdiff.solvers.obs import obs_solve
+
     return obs_solve(W, H, pattern, options["damp_frac"], options["block_size"], layer).mask
 
 
 def _magnitude_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
+    from obsdiff.solvers.magnitude import magnitude_mask
+
     return magnitude_mask(W, pattern)
 
 
 def _wanda_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
+    from obsdiff.solvers.wanda import col_norms_from_hessian, wanda_mask
+
     return wanda_mask(W, col_norms_from_hessian(H), pattern)  # ‖X_j‖ from the same weighted capture
 
 
 def _dsnot_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
+    from obsdiff.solvers.dsnot import dsnot_solve
+
     mean, var = moments
     return dsnot_solve(W, H, pattern, mean=mean, var=var, layer=layer, **options["dsnot"]).mask
 
 
-MASK_METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "obs": _obs_mask,
-    "magnitude": _magnitude_mask,
-    "wanda": _wanda_mask,
-    "dsnot": _dsnot_mask,
-}
-STRUCTURED_METHODS = ("obs", "l1")
-UPDATES = ("obs", "none")
+def _obs_update(W, H, pattern, mask, layer, options) -> SolveResult:
+    from obsdiff.solvers.obs import obs_solve
+
+    return obs_solve(W, H, pattern, options["damp_frac"], options["block_size"], layer, mask=mask)
+
+
+def _no_update(W, H, pattern, mask, layer, options) -> SolveResult:
+    from obsdiff.solvers.magnitude import apply_mask
+
+    return apply_mask(W, mask)
+
+
+# ``pruner.mask`` (layer-wise): ``(W, H, pattern, layer, moments, options) -> mask``.
+MASK_METHODS: Registry[Callable[..., torch.Tensor]] = Registry(
+    "mask method (pruner.mask)",
+    {"obs": _obs_mask, "magnitude": _magnitude_mask, "wanda": _wanda_mask, "dsnot": _dsnot_mask},
+)
+# ``pruner.update``: ``(W, H, pattern, mask, layer, options) -> SolveResult``.
+UPDATES: Registry[Callable[..., SolveResult]] = Registry(
+    "update (pruner.update)", {"obs": _obs_update, "none": _no_update}
+)
+# ``pruner.mask`` for ``sparsity=structured``: how heads / neurons are chosen (a ``StructuredMethod``
+# class of ``obsdiff.pruners.structured``; a new structured method is one entry here).
+STRUCTURED_METHODS: Registry[type] = Registry(
+    "structured method (pruner.mask, sparsity=structured)",
+    {"obs": "obsdiff.pruners.structured:ObsMethod", "l1": "obsdiff.pruners.structured:L1Method"},
+)
+# ``pruner.dsnot.init``: the start mask DSnoT refines (``obsdiff.solvers.dsnot`` dispatches).
+DSNOT_INITS: Registry[Callable[..., torch.Tensor]] = Registry(
+    "DSnoT init (pruner.dsnot.init)",
+    {"wanda": "obsdiff.solvers.wanda:wanda_mask", "magnitude": "obsdiff.solvers.magnitude:magnitude_mask"},
+)
 
 
 def layer_solver(
@@ -62,24 +109,22 @@ def layer_solver(
         block_size: OBS lazy-update block.
         dsnot: DSnoT's options (``init``, ``max_cycles``, ``update_threshold``, …).
     """
-    if mask not in MASK_METHODS:
-        raise KeyError(f"unknown mask method {mask!r}; known: {sorted(MASK_METHODS)}")
-    if update not in UPDATES:
-        raise KeyError(f"unknown update {update!r}; known: {list(UPDATES)}")
+    choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
     options = {"damp_frac": damp_frac, "block_size": block_size, "dsnot": dict(dsnot or {})}
 
     def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None) -> SolveResult:
         if mask == "obs" and update == "obs":
+            from obsdiff.solvers.obs import obs_solve
+
             return obs_solve(W, H, pattern, damp_frac, block_size, layer)
-        chosen = MASK_METHODS[mask](W, H, pattern, layer, moments, options)
-        if update == "obs":
-            return obs_solve(W, H, pattern, damp_frac, block_size, layer, mask=chosen)
-        return apply_mask(W, chosen)
+        chosen = choose(W, H, pattern, layer, moments, options)
+        return compensate(W, H, pattern, chosen, layer, options)
 
     return solve
 
 
 __all__ = [
+    "DSNOT_INITS",
     "MASK_METHODS",
     "STRUCTURED_METHODS",
     "UPDATES",

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import torch
 
+from obsdiff.solvers import DSNOT_INITS as INITS  # the start masks; names readable without torch
 from obsdiff.solvers.magnitude import apply_mask, magnitude_mask
 from obsdiff.solvers.obs import Pattern, SolveResult
 from obsdiff.solvers.wanda import col_norms_from_hessian, wanda_mask, wanda_scores
-
-INITS = ("wanda", "magnitude")
 
 
 def _inv_var_pow(var: torch.Tensor, power: float) -> torch.Tensor:

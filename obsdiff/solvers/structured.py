@@ -91,9 +91,14 @@ class HeadResult:
 
 
 def _prepare(
-    W: torch.Tensor, H: torch.Tensor, damp_frac: float, layer: str
+    W: torch.Tensor, H: torch.Tensor, damp_frac: float, layer: str, pre_removed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """fp32 copies, dead inputs fixed, damping added once (with obs.py's retry rule)."""
+    """fp32 copies, dead inputs fixed, damping added once (with obs.py's retry rule).
+
+    ``pre_removed`` columns (removed by an earlier group of the same layer, e.g. Flux heads before
+    MLP neurons of one ``proj_out``) are zeroed and decoupled in ``H`` after the damping, which
+    is the state the earlier removal left them in.
+    """
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
     dead = torch.diag(H) == 0  # diag(H) == 0 → H_jj = 1, W[:, j] = 0
@@ -101,7 +106,18 @@ def _prepare(
     W[:, dead] = 0
     _, damp, used_frac = inverse_cholesky(H, damp_frac, layer)
     H.diagonal().add_(damp)  # H += λ · mean(diag H) · I
+    if pre_removed is not None and pre_removed.numel():
+        _mask_hessian(H, pre_removed)
+        W[:, pre_removed] = 0
     return W, H, used_frac
+
+
+def column_range(cols: tuple[int, int] | None, width: int) -> tuple[int, int]:
+    """``cols`` as ``(start, stop)``; ``None`` = every input column."""
+    start, stop = (0, width) if cols is None else cols
+    if not 0 <= start < stop <= width:
+        raise ValueError(f"column range {cols} does not fit {width} input columns")
+    return start, stop
 
 
 def _inverse(H: torch.Tensor, layer: str) -> torch.Tensor:
@@ -178,6 +194,8 @@ def remove_ffn_columns(
     chunk: int = 64,
     max_chunk: int = 1024,
     layer: str = "",
+    cols: tuple[int, int] | None = None,
+    pre_removed: torch.Tensor | None = None,
 ) -> StructuredResult:
     """Remove ``num_remove`` input columns (FFN neurons) of a down-projection (METHOD.md §4).
 
@@ -189,28 +207,36 @@ def remove_ffn_columns(
         compensate: ``False`` only zeroes the chosen columns (same saliency, no OBS update).
         first_chunk, chunk, max_chunk: removal schedule, see :func:`chunk_sizes`.
         layer: name for log and error messages.
+        cols: ``(start, stop)``: only these columns are neurons (Flux ``proj_out``: the MLP part);
+            compensation still reaches every kept column. ``None`` = all.
+        pre_removed: columns already removed by an earlier group of this layer (see ``_prepare``).
+
+    Returns:
+        ``removed`` holds only the columns removed here (absolute indices).
     """
-    cols = W.shape[1]
-    if not 0 <= num_remove <= cols:
-        raise ValueError(f"{layer}: num_remove={num_remove} must lie in [0, {cols}]")
+    start, stop = column_range(cols, W.shape[1])
+    if not 0 <= num_remove <= stop - start:
+        raise ValueError(f"{layer}: num_remove={num_remove} must lie in [0, {stop - start}]")
     W0, H0, dtype = W, H, W.dtype
-    W, H, used_frac = _prepare(W, H, damp_frac, layer)
-    removed = torch.zeros(cols, dtype=torch.bool, device=W.device)
+    W, H, used_frac = _prepare(W, H, damp_frac, layer, pre_removed)
+    removed = torch.zeros(stop - start, dtype=torch.bool, device=W.device)
     for n in chunk_sizes(num_remove, first_chunk, chunk, max_chunk):
         Hinv = _inverse(H, layer)  # (cols, cols)
-        saliency = torch.sum(W**2, dim=0) / torch.diag(Hinv)  # Σ_r W[r,q]² / [H⁻¹]_qq
+        Wn = W[:, start:stop]  # (rows, neurons)
+        saliency = torch.sum(Wn**2, dim=0) / torch.diag(Hinv)[start:stop]  # Σ_r W[r,q]² / [H⁻¹]_qq
         saliency[removed] = float("inf")
-        idx = torch.argsort(saliency, stable=True)[:n]
+        local = torch.argsort(saliency, stable=True)[:n]
+        removed[local] = True
+        idx = local + start
         if compensate:
             obs_remove_columns(W, Hinv, idx, layer)
         else:
             W[:, idx] = 0
         _mask_hessian(H, idx)
-        removed[idx] = True
     W = W.to(dtype)
     return StructuredResult(
         weight=W,
-        removed=removed.nonzero().flatten(),
+        removed=removed.nonzero().flatten() + start,
         damp_frac_used=used_frac,
         loss=reconstruction_error(W0, W, H0),
     )
@@ -223,6 +249,7 @@ def remove_columns(
     damp_frac: float = 0.01,
     compensate: bool = True,
     layer: str = "",
+    pre_removed: torch.Tensor | None = None,
 ) -> StructuredResult:
     """Remove a given set of input columns at once (e.g. chosen by L1 norm), with or without OBS.
 
@@ -233,10 +260,11 @@ def remove_columns(
         damp_frac: relative damping λ.
         compensate: apply the joint OBS update to the remaining columns.
         layer: name for log and error messages.
+        pre_removed: columns already removed by an earlier group of this layer (see ``_prepare``).
     """
     W0, dtype = W, W.dtype
     idx = torch.as_tensor(idx, dtype=torch.long, device=W.device)
-    W, Hd, used_frac = _prepare(W, H, damp_frac, layer)
+    W, Hd, used_frac = _prepare(W, H, damp_frac, layer, pre_removed)
     if compensate and idx.numel():
         obs_remove_columns(W, _inverse(Hd, layer), idx, layer)
     W[:, idx] = 0
@@ -246,26 +274,42 @@ def remove_columns(
     )
 
 
-def head_saliency(W: torch.Tensor, Hinv: torch.Tensor, head_dim: int, removed: set[int]) -> torch.Tensor:
+def head_saliency(
+    W: torch.Tensor, Hinv: torch.Tensor, head_dim: int, removed: set[int], cols: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Per-head OBS score of an attention output projection; removed heads get ``+inf``.
 
     Args:
-        W: (rows, heads * head_dim) output-projection weight.
-        Hinv: (heads * head_dim, heads * head_dim) ``H⁻¹`` of its (damped, masked) Hessian.
+        W: (rows, in_features) output-projection weight.
+        Hinv: (in_features, in_features) ``H⁻¹`` of its (damped, masked) Hessian.
         head_dim: ``d_h``.
         removed: heads already removed.
+        cols: ``(start, stop)`` of the head columns (``heads · d_h`` of them; Flux ``proj_out``:
+            the attention part); ``None`` = every column.
 
     Returns:
         (heads,) score ``Σ_{k ∈ head j} Σ_r W[r,k]² / d_k`` with ``d = diag(chol(block_j))²``.
     """
-    heads = W.shape[1] // head_dim
+    start, stop = column_range(cols, W.shape[1])
+    heads = (stop - start) // head_dim
+    Hinv = Hinv[start:stop, start:stop]
     blocks = Hinv.reshape(heads, head_dim, heads, head_dim).diagonal(dim1=0, dim2=2)  # (d_h, d_h, heads)
     blocks = blocks.permute(2, 0, 1)  # (heads, d_h, d_h) diagonal blocks of H⁻¹
     d = torch.linalg.cholesky(blocks, upper=True).diagonal(dim1=-2, dim2=-1) ** 2  # (heads, d_h)
-    col_sq = torch.sum(W.float() ** 2, dim=0).reshape(heads, head_dim)  # (heads, d_h) Σ_r W[r,k]²
+    col_sq = torch.sum(W[:, start:stop].float() ** 2, dim=0).reshape(heads, head_dim)  # (heads, d_h)
     score = torch.sum(col_sq / d, dim=1)
     score[sorted(removed)] = float("inf")
     return score
+
+
+def head_ranks(score: torch.Tensor, removed: set[int]) -> torch.Tensor:
+    """0-based rank of every head in one projection (0 = least important; removed heads last)."""
+    score = score.detach().double().cpu().clone()
+    score[sorted(removed)] = float("inf")
+    order = torch.argsort(score, stable=True)  # ascending; rank 0 = least important
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank
 
 
 def rrf_fuse(scores: list[torch.Tensor], removed: set[int], k: int = RRF_K) -> torch.Tensor:
@@ -281,22 +325,28 @@ def rrf_fuse(scores: list[torch.Tensor], removed: set[int], k: int = RRF_K) -> t
     """
     fused = torch.zeros(scores[0].shape[0], dtype=torch.float64)
     for score in scores:
-        score = score.detach().double().cpu().clone()
-        score[sorted(removed)] = float("inf")
-        order = torch.argsort(score, stable=True)  # ascending; rank 0 = least important
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
-        fused += 1.0 / (k + rank + 1).double()
+        fused += 1.0 / (k + head_ranks(score, removed) + 1).double()
     return fused
 
 
-def pick_head(fused: torch.Tensor, removed: set[int]) -> int:
-    """Index of the next head to remove: argmax of the fused score over heads not yet removed."""
+def pick_head(fused: torch.Tensor, removed: set[int], first_rank: torch.Tensor | None = None) -> int:
+    """The next head to remove: the highest fused score over heads not yet removed.
+
+    Args:
+        fused: (heads,) fused score (:func:`rrf_fuse`).
+        removed: heads already removed.
+        first_rank: (heads,) ranks of the first output projection (``to_out.0``). Exact ties of
+            the fused score (ranks (0, 1) and (1, 0) fuse to the same value) go to the head that
+            this projection ranks less important, as in the reference; ``None``: the lowest index.
+    """
     if len(removed) >= fused.numel():
         raise ValueError(f"every one of the {fused.numel()} heads is already removed")
     fused = fused.clone()
     fused[sorted(removed)] = float("-inf")
-    return int(torch.argmax(fused))
+    if first_rank is None:
+        return int(torch.argmax(fused))
+    tied = (fused == fused.max()).nonzero().flatten()
+    return int(tied[torch.argmin(first_rank[tied])])
 
 
 def remove_heads(
@@ -308,25 +358,29 @@ def remove_heads(
     compensate: bool = True,
     rrf_k: int = RRF_K,
     layer: str = "",
+    cols: tuple[int, int] | None = None,
 ) -> HeadResult:
     """Remove ``num_remove`` heads jointly from attention output projections (METHOD.md §4).
 
     Args:
-        Ws: (rows_p, heads * head_dim) output projections (``to_out.0``, ``to_add_out``; one is fine).
-        Hs: (heads * head_dim, heads * head_dim) Hessian of each projection's input.
+        Ws: (rows_p, in_features) output projections (``to_out.0``, ``to_add_out``; one is fine).
+        Hs: (in_features, in_features) Hessian of each projection's input.
         head_dim: ``d_h`` (64 for SD3/SD3.5, 128 for Flux).
         num_remove: heads to remove, one per iteration.
         damp_frac: relative damping λ, added once per Hessian before the loop.
         compensate: ``False`` only zeroes the chosen heads' columns.
         rrf_k: Reciprocal Rank Fusion constant.
         layer: name for log and error messages.
+        cols: ``(start, stop)`` of the head columns in every projection (``None`` = all columns);
+            compensation reaches every kept column, inside the range or not.
     """
     if len(Ws) != len(Hs) or not Ws:
         raise ValueError(f"{layer}: need one Hessian per projection, got {len(Ws)} weights, {len(Hs)} H")
-    cols = Ws[0].shape[1]
-    if cols % head_dim or any(W.shape[1] != cols for W in Ws):
+    width = Ws[0].shape[1]
+    start, stop = column_range(cols, width)
+    if (stop - start) % head_dim or any(W.shape[1] != width for W in Ws):
         raise ValueError(f"{layer}: every projection needs heads * head_dim={head_dim} input columns")
-    heads = cols // head_dim
+    heads = (stop - start) // head_dim
     if not 0 <= num_remove <= heads:
         raise ValueError(f"{layer}: num_remove={num_remove} must lie in [0, {heads}]")
     prepared = [_prepare(Ws[p], Hs[p], damp_frac, f"{layer}[{p}]") for p in range(len(Ws))]
@@ -334,10 +388,11 @@ def remove_heads(
     removed: list[int] = []
     for _ in range(num_remove):
         Hinvs = [_inverse(H, layer) for H in Hf]
-        scores = [head_saliency(Wf[p], Hinvs[p], head_dim, set(removed)) for p in range(len(Wf))]
-        j = pick_head(rrf_fuse(scores, set(removed), rrf_k), set(removed))
+        scores = [head_saliency(Wf[p], Hinvs[p], head_dim, set(removed), cols) for p in range(len(Wf))]
+        fused = rrf_fuse(scores, set(removed), rrf_k)
+        j = pick_head(fused, set(removed), head_ranks(scores[0], set(removed)))
         for W, H, Hinv in zip(Wf, Hf, Hinvs, strict=True):
-            idx = torch.arange(j * head_dim, (j + 1) * head_dim, device=W.device)  # head j's columns
+            idx = torch.arange(start + j * head_dim, start + (j + 1) * head_dim, device=W.device)  # head j
             if compensate:
                 obs_remove_columns(W, Hinv, idx, layer)
             else:

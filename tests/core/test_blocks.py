@@ -2,8 +2,7 @@
 
 import pytest
 
-from obsdiff.config import ConfigError, parse_blocks, pruned_blocks
-from obsdiff.models import get_adapter
+from obsdiff.config import ConfigError, parse_blocks, resolve
 
 
 @pytest.mark.parametrize(
@@ -21,7 +20,6 @@ def test_parse_blocks_rejects_garbage(blocks):
 
 
 def test_structured_default_skips_first_and_last_block(compose_cfg):
-    adapter = get_adapter("sd3")
-    assert pruned_blocks(compose_cfg("sparsity=structured"), adapter) == [1, 2]  # tiny: 4 blocks
-    assert pruned_blocks(compose_cfg(), adapter) is None  # unstructured: every block
-    assert pruned_blocks(compose_cfg("sparsity=structured", "pruner.blocks=[0,3]"), adapter) == [0, 3]
+    assert resolve(compose_cfg("sparsity=structured")).blocks == [1, 2]  # tiny: 4 blocks
+    assert resolve(compose_cfg()).blocks is None  # unstructured: every block
+    assert resolve(compose_cfg("sparsity=structured", "pruner.blocks=[0,3]")).blocks == [0, 3]

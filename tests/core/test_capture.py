@@ -12,16 +12,22 @@ from obsdiff.calibration.prompts import tiny_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
 from obsdiff.models.sd3 import SD3_TARGETS, SD3Adapter
 from obsdiff.packages import split_packages
-from obsdiff.prune import Calibration, calibrate, prune_model
-from obsdiff.solvers import Pattern, obs_solve
+from obsdiff.prune import Calibration, calibrate, prune_groupwise
+from obsdiff.pruners.layerwise import LayerwiseStrategy
+from obsdiff.solvers import Pattern, layer_solver
 
 QKV = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v")
 
 
 def make_calib(adapter, pipe, num_prompts=2, batch_size=2, steps=3, guidance=7.0, schedule="log_decrease"):
-    embeds = adapter.encode(pipe, tiny_prompts()[:num_prompts], guidance, batch_size, 1)
+    embeds = adapter.encode(pipe, tiny_prompts()[:num_prompts], guidance, batch_size)
     return Calibration(embeds, list(range(num_prompts)), steps, guidance, 32, batch_size,
                        timestep_weights(schedule, steps))  # fmt: skip
+
+
+def obs_strategy(pattern, targets, blocks=None):
+    """OBS mask and update (``obs_solve``) on every target layer."""
+    return LayerwiseStrategy(layer_solver("obs", "obs"), pattern, targets, blocks)
 
 
 class NoProgress:
@@ -97,6 +103,7 @@ def test_sd3_medium_units_split_into_4_packages_of_24():
     assert not any("to_add_out" in n or "ff_context" in n for g in last for n in g)
 
 
+@pytest.mark.slow  # seconds on an idle CPU, tens under load
 def test_package_k_is_calibrated_on_the_partially_pruned_model(tiny_pipe, monkeypatch):
     adapter, pipe = tiny_pipe
     calib = make_calib(adapter, pipe, num_prompts=1, batch_size=1, steps=2)
@@ -113,8 +120,8 @@ def test_package_k_is_calibrated_on_the_partially_pruned_model(tiny_pipe, monkey
         return real_calibrate(*args, **kwargs)
 
     monkeypatch.setattr(prune_mod, "calibrate", spy)
-    records = prune_model(adapter, pipe, calib, Pattern("unstructured", ratio=0.5), obs_solve, 3,
-                          list(adapter.default_targets))  # fmt: skip
+    strategy = obs_strategy(Pattern("unstructured", ratio=0.5), list(adapter.default_targets))
+    records = prune_groupwise(adapter, pipe, calib, strategy, 3)
     assert len(seen) == 3
     for k, fractions in enumerate(seen):
         for j, frac in enumerate(fractions):
@@ -126,8 +133,8 @@ def test_package_k_is_calibrated_on_the_partially_pruned_model(tiny_pipe, monkey
 def test_nm_run_gives_exact_pattern_on_every_target(tiny_pipe):
     adapter, pipe = tiny_pipe
     calib = make_calib(adapter, pipe, num_prompts=1, batch_size=1, steps=2)
-    records = prune_model(adapter, pipe, calib, Pattern("nm", n=2, m=4), obs_solve, 2,
-                          list(adapter.default_targets))  # fmt: skip
+    strategy = obs_strategy(Pattern("nm", n=2, m=4), list(adapter.default_targets))
+    records = prune_groupwise(adapter, pipe, calib, strategy, 2)
     for r in records:
         W = pipe.transformer.get_submodule(r.name).weight
         assert torch.all((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2), r.name

@@ -15,7 +15,7 @@ from obsdiff.evaluation.speed import CPU_WARNING, denoiser_latency, device_name,
 from obsdiff.models import get_adapter
 from obsdiff.models.tiny_sd3 import load_tiny_config
 
-HALF_BLOCK_1 = {"1": {"heads": 2, "ff": 128, "ff_context": 128}}  # tiny: 4 heads x 16, FFN 256
+HALF_BLOCK_1 = {"1": {"attn": 2, "ff": 128, "ff_context": 128}}  # tiny: 4 heads x 16, FFN 256
 RECORD_KEYS = {
     "dense_ms", "pruned_ms", "speedup", "dense_tflops", "pruned_tflops", "flop_reduction", "dense_params",
     "pruned_params", "device_name", "versions", "settings", "verdict", "resolution", "dtype",
@@ -34,8 +34,10 @@ def one_thread():
 def test_flops_and_params_drop_by_the_analytic_amount():
     adapter, config = get_adapter("sd3"), load_tiny_config()["transformer"]
     B, N, T, D, d_h = 2, (16 // 2) ** 2, 77, 64, 16  # batch, image tokens (latent 16, patch 2), text, width
-    dense = denoiser_cost(adapter, config, {}, B, 16, T)
-    pruned = denoiser_cost(adapter, config, HALF_BLOCK_1, B, 16, T)
+    calls = adapter.denoiser_calls(7.0, config)  # CFG: one call on the doubled batch
+    assert calls == [B]
+    dense = denoiser_cost(adapter, config, {}, calls, 16, T)
+    pruned = denoiser_cost(adapter, config, HALF_BLOCK_1, calls, 16, T)
     # Linear FLOPs = 2 * B * tokens * in * out: block 1 loses 32 of 64 Q/K/V rows and output columns
     # (image and context streams) and 128 of 256 FFN neurons (up + down, both streams).
     linear = sum(2 * B * tokens * (3 * D * 32 + 32 * D + 2 * D * 128) for tokens in (N, T))
@@ -51,7 +53,7 @@ def test_structured_architecture_skips_heads_of_context_pre_only_blocks():
     adapter, config = get_adapter("sd3"), load_tiny_config()["transformer"]
     arch = structured_architecture(adapter, config, 0.3, [1, 3])
     # round(4 * 0.3) = 1 head, round(256 * 0.3) = 77 neurons; block 3 (last) has no context FFN/heads
-    assert arch == {"1": {"heads": 3, "ff": 179, "ff_context": 179}, "3": {"ff": 179}}
+    assert arch == {"1": {"attn": 3, "ff": 179, "ff_context": 179}, "3": {"ff": 179}}
     assert bench.parse_block_list("1:-1", 4) == [1, 2] == bench.parse_block_list("1,2", 4)
 
 
@@ -80,7 +82,7 @@ def test_cli_random_tiny_writes_a_cpu_record(tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert RECORD_KEYS <= set(row) and row["device"] == "cpu"
     assert row["verdict"].startswith(CPU_WARNING)
-    assert row["architecture"] == {str(b): {"heads": 2, "ff": 128, "ff_context": 128} for b in (1, 2)}
+    assert row["architecture"] == {str(b): {"attn": 2, "ff": 128, "ff_context": 128} for b in (1, 2)}
     assert row["pruned_tflops"] < row["dense_tflops"] and row["pruned_params"] < row["dense_params"]
     assert row["dense_ms"] > 0 and row["pruned_ms"] > 0
 

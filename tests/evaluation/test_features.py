@@ -63,6 +63,7 @@ def test_real_photo_is_classified_as_a_cat(net):
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.8
 
 
+@pytest.mark.slow  # seconds on an idle CPU, tens under load
 def test_features_shape_dtype_and_determinism(net):
     images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
     features = net(images)

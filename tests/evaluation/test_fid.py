@@ -48,6 +48,7 @@ def test_matches_closed_form_for_any_batch_size():
     assert fid(real, fake, net, batch_size=64) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # seconds on an idle CPU, tens under load
 def test_lite0_fid_is_zero_on_itself_and_orders_shifts(lite0):
     real = _images(6, seed=0)
     similar = _images(6, seed=1)

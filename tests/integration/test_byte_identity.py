@@ -27,8 +27,11 @@ PINNED = {
         "45ba303a6471bb9b7fd3c1886a37c673a12c554f6c1376d430f77010355793ce",
     ),
     "sparsity=structured": (
-        "3b64e05a80e6964aee872fe647583a5e7035d62a842fec48579ba5fc6e621747",
-        "8363e1963514cfb7b10042574da8aeb2ce7eb288c3c4e14b52e6687dce9c6903",
+        # fidelity fix: exact RRF ties go to the head to_out.0 ranks less important (reference);
+        # before: 3b64e05a80e6964aee872fe647583a5e7035d62a842fec48579ba5fc6e621747 /
+        # 8363e1963514cfb7b10042574da8aeb2ce7eb288c3c4e14b52e6687dce9c6903 (lowest head index)
+        "ed9a909c82f2c6a65ed9b651e9cc88861d0bd238e90c02b6ac6e7e8ac3c326ac",
+        "662980a82892e7525e5341626650cbf3f232e8a383530a06979573b6e08e64db",
     ),
     "pruner=wanda": (
         "f578c35c2f78b9a87ffb48d6df0f44127b3e5984c9cd2b4319f3ffabe6a13871",

@@ -1,8 +1,10 @@
-"""Every config group and experiment composes; bad input fails before any model loads."""
+"""Every config group option and experiment composes and passes validation; bad input fails
+before any model loads, and the CLI refuses it in one line without importing torch."""
 
+import importlib.util
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -10,30 +12,74 @@ from hydra import compose, initialize_config_dir
 
 import obsdiff.models.sd3 as sd3
 from obsdiff.cli import CONF_DIR
-from obsdiff.config import ConfigError, validate
+from obsdiff.config import ConfigError, check_fields, validate
 from obsdiff.run import run
 
 GROUPS = ["model", "calibration", "schedule", "sparsity", "pruner", "eval", "logger"]
-REQUIRED = {"calibration=file": ["calibration.path=prompts.txt"], "calibration=hf": ["calibration.dataset=x"],
-            "eval=coco": ["eval.path=c.json", "eval.reference_dir=imgs"]}  # fmt: skip
+EMBEDDED_MODELS = {"tiny_digits", "tiny"}  # model.path of the models shipped in the package
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
+@pytest.fixture
+def user_inputs(tmp_path, monkeypatch) -> dict[str, str]:
+    """What a user supplies for the `???` fields: a prompt file, a folder of images, a dataset name;
+    and the `coco` extra counted as installed (its absence has its own test)."""
+    prompts, images = tmp_path / "prompts.txt", tmp_path / "images"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(5000)))
+    images.mkdir()
+    monkeypatch.setattr(sys.modules["obsdiff.config.validate"], "_installed", lambda module: True)
+    return {
+        "calibration.path": str(prompts),
+        "calibration.dataset": "some/dataset",
+        "eval.path": str(prompts),
+        "eval.reference_dir": str(images),
+    }
+
+
+def compose_filled(compose_cfg, user_inputs, *overrides):
+    """Compose, then again with the inputs its sources need (`???` composes to null, as the schema's
+    default, so the config says what is needed: a file source needs a path, …)."""
+    cfg = compose_cfg(*overrides)
+    cal, ev = cfg.calibration, cfg.eval
+    needed = {
+        "calibration.path": cal.source == "file" and cal.path is None,
+        "calibration.dataset": cal.source == "hf" and cal.dataset is None,
+        "eval.path": ev.kind != "none" and ev.source == "file" and ev.path is None,
+        "eval.reference_dir": ev.kind == "coco" and ev.reference_dir is None,
+    }
+    return compose_cfg(*overrides, *(f"{key}={user_inputs[key]}" for key, need in needed.items() if need))
+
+
+def check(cfg) -> None:
+    """Every check, where the model's config is available offline; the field checks otherwise."""
+    if cfg.model.path in EMBEDDED_MODELS:
+        validate(cfg)
+    else:  # TODO(lead): with the hub models' denoiser configs shipped, validate() runs here too
+        check_fields(cfg)
+
+
+def _needs_datasets(cfg) -> bool:
+    return cfg.calibration.source == "hf" and importlib.util.find_spec("datasets") is None
+
+
 @pytest.mark.parametrize("group", GROUPS)
-def test_every_group_option_composes(compose_cfg, group):
+def test_every_group_option_composes_and_validates(compose_cfg, user_inputs, group):
     for option in options(group):
-        override = f"{group}={option}"
-        cfg = compose_cfg(override, *REQUIRED.get(override, []))
-        assert cfg[group] is not None
+        cfg = compose_filled(compose_cfg, user_inputs, f"{group}={option}")
+        if _needs_datasets(cfg):  # hf prompts need `datasets`; without it the check says so
+            with pytest.raises(ConfigError, match="pip install datasets"):
+                check(cfg)
+            continue
+        check(cfg)
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes(compose_cfg, experiment):
-    cfg = compose_cfg(f"+experiment={experiment}")
-    assert cfg.model.family == "sd3"
+def test_every_experiment_composes_and_validates(compose_cfg, user_inputs, experiment):
+    cfg = compose_filled(compose_cfg, user_inputs, f"+experiment={experiment}")
+    check(cfg)
 
 
 def test_slurm_launcher_composes(compose_cfg):
@@ -71,33 +117,12 @@ def test_defaults_are_the_method(compose_cfg):
     assert (cfg.eval.kind, cfg.logger.kind, cfg.logger.mode) == ("tiny", "wandb", "offline")
 
 
+# One of each kind; every rule has its own case in tests/unit/test_validate.py.
 BAD = [
-    (["sparsity.ratio=1.0"], "sparsity.ratio"),
-    (["sparsity.ratio=-0.1"], "sparsity.ratio"),
-    (["sparsity=nm", "sparsity.n=4", "sparsity.m=4"], "sparsity.n/sparsity.m"),
-    (["sparsity=nm", "sparsity.n=0"], "sparsity.n/sparsity.m"),
-    (["sparsity=nm", "sparsity.n=2", "sparsity.m=128"], "not divisible"),
-    (["sparsity=nm", "sparsity.n=2", "sparsity.m=24"], "pruner.block_size"),
-    (["schedule.name=cosine_up"], "schedule.name"),
-    (["pruner.mask=l1"], "pruner.mask"),
-    (["sparsity=structured", "pruner=wanda"], "pruner.mask"),
-    (["pruner.update=sometimes"], "pruner.update"),
-    (["pruner.num_packages=0"], "pruner.num_packages"),
-    (["schedule.alpha_min=1.5"], "alpha_min"),
-    (["schedule.alpha_min=-1"], "alpha_min"),
-    (["calibration=file", "calibration.path=/nonexistent/prompts.txt"], "calibration.path"),
-    (["calibration.num_prompts=1001"], "calibration.num_prompts"),
-    (["calibration.split=test"], "calibration.split"),
-    (["pruner.blocks=[7]"], "pruner.blocks"),
-    (["pruner.targets=[attn.to_x]"], "pruner.targets"),
-    (["model.family=flux"], "flux"),
-    (["eval.reference_dir=/nonexistent/images"], "eval.reference_dir"),
-    (["eval.feature_net=vgg"], "eval.feature_net"),
-    (["eval=tiny", "eval.num_prompts=501"], "eval.num_prompts"),
-    (["eval.prompt_judge=gpt"], "eval.prompt_judge"),
-    (["eval.source=tiny"], "eval.prompt_judge"),
-    (["eval.real_images=imagenet"], "eval.real_images"),
-    (["eval.real_images=null", "eval.reference_seed=null"], "eval.reference_seed"),
+    (["sparsity.ratio=1.0"], "sparsity.ratio"),  # a field
+    (["calibration.num_prompts=1001"], "calibration.num_prompts"),  # the prompt source
+    (["pruner.blocks=[7]"], "pruner.blocks"),  # the model's block count
+    (["sparsity=nm", "sparsity.n=2", "sparsity.m=128"], "sparsity.m=128"),  # the model's widths
 ]
 
 
@@ -111,30 +136,21 @@ def test_bad_input_fails_before_any_model_loads(compose_cfg, run_dir, monkeypatc
     with pytest.raises((ConfigError, ValueError, KeyError)) as err:
         run(cfg, run_dir)
     assert field in str(err.value)
-    with pytest.raises((ConfigError, ValueError, KeyError)):
-        validate(cfg)
+    assert not (run_dir / "layers.csv").exists()
 
 
-def test_nm_prompt_file_count_uses_the_file(compose_cfg, tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat\na dog\n")
-    with pytest.raises(ValueError, match="has only 2 prompts"):
-        validate(compose_cfg("calibration=file", f"calibration.path={prompts}", "calibration.num_prompts=3"))
-    validate(compose_cfg("calibration=file", f"calibration.path={prompts}", "calibration.num_prompts=2"))
-
-
-@pytest.mark.parametrize(
-    "override,message",
-    [("sparsity.ratio=1.5", "sparsity.ratio"), ("schedule=cosine", "schedule"), ("model=sdxl", "model"),
-     ("pruner=foo", "pruner"), ("sparsity.raito=0.3", "raito")],
-)  # fmt: skip
-def test_cli_exits_nonzero_quickly_naming_the_field(tmp_path, override, message):
-    start = time.perf_counter()
+@pytest.mark.slow
+def test_cli_refuses_a_bad_value_in_one_line_without_importing_torch(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "obsdiff.cli", f"hydra.run.dir={tmp_path}", "logger=none", override],
+        [sys.executable, "-X", "importtime", "-m", "obsdiff.cli", f"hydra.run.dir={tmp_path}", "logger=none",
+         "sparsity.ratio=1.5"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
-    assert time.perf_counter() - start < 60
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "sparsity.ratio=1.5 is invalid; allowed: a fraction in [0, 1)" in errors[0]
+    imported = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", proc.stderr, flags=re.MULTILINE)
+    assert "omegaconf" in imported and "obsdiff.config" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "diffusers", "transformers")]
     assert not (tmp_path / "layers.csv").exists()

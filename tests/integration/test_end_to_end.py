@@ -12,9 +12,10 @@ import obsdiff.run as run_mod
 from obsdiff import load_pruned
 from obsdiff.artifacts import ArtifactMismatchError, save_pruned
 from obsdiff.calibration.prompts import tiny_prompts
-from obsdiff.prune import Calibration, prune_model
+from obsdiff.prune import Calibration, prune_groupwise
+from obsdiff.pruners.layerwise import LayerwiseStrategy
 from obsdiff.run import run
-from obsdiff.solvers import Pattern, obs_solve
+from obsdiff.solvers import Pattern, layer_solver
 
 pytestmark = pytest.mark.slow
 DEBUG = ["+experiment=debug"]
@@ -130,10 +131,10 @@ def test_new_weights_at_the_same_path_are_not_served_stale_dense_results(
     import os
     import shutil
 
-    from obsdiff.models.sd3 import EMBEDDED
+    from obsdiff.models.sd3 import SD3Adapter
 
     weights = tmp_path / "weights"
-    shutil.copytree(EMBEDDED["tiny_digits"], weights)
+    shutil.copytree(SD3Adapter.embedded["tiny_digits"], weights)
     overrides = (*DEBUG, "pruner.num_packages=1", f"model.path={weights}")
     run(compose_cfg(*overrides), run_dir)
     calls = []
@@ -155,7 +156,7 @@ def test_wandb_finishes_after_an_exception(compose_cfg, run_dir, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("solver exploded")
 
-    monkeypatch.setattr(run_mod, "prune_model", boom)
+    monkeypatch.setattr(run_mod, "prune_groupwise", boom)
     with pytest.raises(RuntimeError, match="solver exploded"):
         run(compose_cfg(*DEBUG, "logger=wandb", "eval=none"), run_dir)
     assert wandb.run is None
@@ -164,11 +165,11 @@ def test_wandb_finishes_after_an_exception(compose_cfg, run_dir, monkeypatch):
 
 def test_reload_gives_identical_images(tiny_pipe, compose_cfg, tmp_path):
     adapter, pipe = tiny_pipe
-    embeds = adapter.encode(pipe, tiny_prompts()[:2], 7.0, 2, 1)
+    embeds = adapter.encode(pipe, tiny_prompts()[:2], 7.0, 2)
     calib = Calibration(embeds, [0, 1], 3, 7.0, 32, 2, [1.0, 1.0, 1.0])
-    prune_model(
-        adapter, pipe, calib, Pattern("unstructured", ratio=0.5), obs_solve, 2, list(adapter.default_targets)
-    )
+    pattern = Pattern("unstructured", ratio=0.5)
+    strategy = LayerwiseStrategy(layer_solver("obs", "obs"), pattern, list(adapter.default_targets))
+    prune_groupwise(adapter, pipe, calib, strategy, 2)
 
     def images(p):
         gens = [torch.Generator().manual_seed(s) for s in (11, 12)]

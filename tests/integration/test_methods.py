@@ -14,7 +14,8 @@ from obsdiff.calibration.prompts import tiny_prompts
 from obsdiff.calibration.timesteps import StepTracker
 from obsdiff.compare import LEVELS, cells
 from obsdiff.config import validate
-from obsdiff.prune import Calibration, calibrate, prune_structured
+from obsdiff.prune import Calibration, calibrate, prune_groupwise
+from obsdiff.pruners.structured import StructuredStrategy
 from obsdiff.report import main as report
 from obsdiff.solvers import Pattern, layer_solver, reconstruction_error
 from obsdiff.solvers.l1 import l1_heads
@@ -27,7 +28,7 @@ SMALL = [
 
 
 def calibration(adapter, pipe, num_prompts=4, steps=3):
-    embeds = adapter.encode(pipe, tiny_prompts()[:num_prompts], 7.0, num_prompts, 1)
+    embeds = adapter.encode(pipe, tiny_prompts()[:num_prompts], 7.0, num_prompts)
     return Calibration(embeds, list(range(num_prompts)), steps, 7.0, 32, num_prompts, [1.2, 1.0, 0.8][:steps])
 
 
@@ -84,6 +85,7 @@ def captured(adapter, pipe, names):
     return hessians
 
 
+@pytest.mark.slow  # seconds on an idle CPU, tens under load
 @pytest.mark.parametrize("pattern", [Pattern("unstructured", ratio=0.5), Pattern("nm", n=2, m=4)])
 def test_obs_methods_beat_magnitude_and_wanda_on_the_same_hessians(tiny_pipe, pattern):
     adapter, pipe = tiny_pipe
@@ -110,11 +112,10 @@ def test_l1_norm_removes_the_smallest_norm_heads(tiny_pipe):
     outs = ["transformer_blocks.1.attn.to_out.0", "transformer_blocks.1.attn.to_add_out"]
     Ws = [pipe.transformer.get_submodule(n).weight.detach().clone() for n in outs]
     half = StructuredPattern(ratio=0.5, head_ratio=0.5, ffn_ratio=0.5)
-    records, removed = prune_structured(
-        adapter, pipe, calibration(adapter, pipe, 2, 2), half, 1, [1], compensate=False, method="l1"
-    )
-    assert removed[outs[0]] == sorted(l1_heads(Ws, 16, 2))
-    kept = [h for h in range(4) if h not in removed[outs[0]]]
+    strategy = StructuredStrategy("l1", half, [1], compensate=False)
+    records = prune_groupwise(adapter, pipe, calibration(adapter, pipe, 2, 2), strategy, 1)
+    assert strategy.removed["1.attn"] == sorted(l1_heads(Ws, 16, 2))
+    kept = [h for h in range(4) if h not in strategy.removed["1.attn"]]
     cols = torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in kept])
     torch.testing.assert_close(pipe.transformer.get_submodule(outs[0]).weight, Ws[0][:, cols])  # no update
     assert all(r.loss > 0 for r in records)

@@ -9,15 +9,24 @@ import torch
 from obsdiff import load_pruned
 from obsdiff.artifacts import ArtifactMismatchError, save_pruned
 from obsdiff.calibration.prompts import tiny_prompts
-from obsdiff.prune import Calibration, prune_structured
+from obsdiff.models.structure import HeadGroup, NeuronGroup
+from obsdiff.prune import Calibration, prune_groupwise
+from obsdiff.pruners.structured import StructuredStrategy
 from obsdiff.solvers.structured import StructuredPattern
 
 HALF = StructuredPattern(ratio=0.5, head_ratio=0.5, ffn_ratio=0.5)
 
 
 def calibration(adapter, pipe, num_prompts=2, steps=3):
-    embeds = adapter.encode(pipe, tiny_prompts()[:num_prompts], 7.0, num_prompts, 1)
+    embeds = adapter.encode(pipe, tiny_prompts()[:num_prompts], 7.0, num_prompts)
     return Calibration(embeds, list(range(num_prompts)), steps, 7.0, 32, num_prompts, [1.0] * steps)
+
+
+def prune_structured(adapter, pipe, calib, pattern, num_packages, blocks, method="obs", **options):
+    """Structured pruning of ``blocks``: the layer records and group key -> removed heads / neurons."""
+    strategy = StructuredStrategy(method, pattern, blocks, **options)
+    records = prune_groupwise(adapter, pipe, calib, strategy, num_packages)
+    return records, strategy.removed
 
 
 def forward(denoiser, seed=0):
@@ -34,10 +43,19 @@ def forward(denoiser, seed=0):
 
 def test_units_read_head_size_from_config_and_skip_heads_without_context(tiny_pipe):
     adapter, pipe = tiny_pipe
-    units = adapter.structured_units(pipe.transformer, [1, 3])
-    assert [(u.kind, u.block) for u in units] == [("heads", 1), ("ffn", 1), ("ffn", 3)]
-    assert units[0].head_dim == pipe.transformer.config.attention_head_dim == 16
-    assert units[2].layers == ("transformer_blocks.3.ff.net.2",)  # block 3 is context_pre_only
+    units = adapter.structure_units(pipe.transformer, [1, 3])
+    assert [[(type(g), g.key) for g in u] for u in units] == [
+        [(HeadGroup, "1.attn")],
+        [(NeuronGroup, "1.ff"), (NeuronGroup, "1.ff_context")],
+        [(NeuronGroup, "3.ff")],
+    ]
+    heads = units[0][0]
+    assert heads.head_dim == pipe.transformer.config.attention_head_dim == 16
+    assert heads.outputs == ("transformer_blocks.1.attn.to_out.0", "transformer_blocks.1.attn.to_add_out")
+    assert heads.cols == (0, 64) and heads.num_heads == 4
+    assert len(heads.inputs) == 6  # Q/K/V of both streams
+    # block 3 is context_pre_only: no heads, no context FFN
+    assert [n for g in units[2] for n in g.outputs] == ["transformer_blocks.3.ff.net.2"]
 
 
 def test_exact_head_and_neuron_counts(tiny_pipe):
@@ -54,13 +72,13 @@ def test_exact_head_and_neuron_counts(tiny_pipe):
             assert block.ff_context.net[0].proj.weight.shape == (width, 64)
             assert block.ff_context.net[0].proj.bias.shape == (width,)
     assert adapter.architecture(pipe.transformer) == {
-        "1": {"heads": 2, "ff": 128, "ff_context": 128},
-        "2": {"heads": 2, "ff": 128, "ff_context": 128},
+        "1": {"attn": 2, "ff": 128, "ff_context": 128},
+        "2": {"attn": 2, "ff": 128, "ff_context": 128},
     }
     assert len(records) == 8 and all(r.sparsity == 0.5 for r in records)
-    assert len(removed["transformer_blocks.1.attn.to_out.0"]) == 2
-    assert removed["transformer_blocks.1.attn.to_out.0"] == removed["transformer_blocks.1.attn.to_add_out"]
-    assert len(removed["transformer_blocks.2.ff_context.net.2"]) == 128
+    assert set(removed) == {f"{b}.{g}" for b in (1, 2) for g in ("attn", "ff", "ff_context")}
+    assert len(removed["1.attn"]) == 2
+    assert len(removed["2.ff_context"]) == 128
     assert forward(pipe.transformer).isfinite().all()
 
 
@@ -73,15 +91,18 @@ def test_slicing_is_lossless(tiny_pipe):
     assert removed == removed_masked
     masked = masked_pipe.transformer
     assert masked.transformer_blocks[1].attn.heads == 4  # still dense shapes, zero columns
-    cols = masked.get_submodule("transformer_blocks.1.ff.net.2").weight[
-        :, removed["transformer_blocks.1.ff.net.2"]
-    ]
+    cols = masked.get_submodule("transformer_blocks.1.ff.net.2").weight[:, removed["1.ff"]]
     assert torch.count_nonzero(cols) == 0
+    for name in ("to_out.0", "to_add_out"):  # both output projections lose the same heads
+        W = masked.get_submodule(f"transformer_blocks.1.attn.{name}").weight
+        zero_heads = (W.reshape(W.shape[0], 4, 16) == 0).all(dim=(0, 2)).nonzero().flatten().tolist()
+        assert zero_heads == removed["1.attn"], name
     sliced_params = sum(p.numel() for p in pipe.transformer.parameters())
     assert sliced_params < sum(p.numel() for p in masked.parameters())
     torch.testing.assert_close(forward(pipe.transformer), forward(masked), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a sampler run (seconds on an idle CPU, tens under load)
 def test_compensation_lowers_the_error(tiny_pipe):
     adapter, pipe = tiny_pipe
     dense = copy.deepcopy(pipe.transformer)
@@ -119,7 +140,8 @@ def test_save_load_round_trip_gives_identical_images(tiny_pipe, compose_cfg, tmp
     cfg = compose_cfg("model=tiny_sd3", "logger=none", "sparsity=structured", "sparsity.ratio=0.5")
     save_pruned(tmp_path / "pruned", pipe.transformer, cfg, extra={"structure": structure})
     manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
-    assert manifest["structure"]["architecture"]["1"] == {"heads": 2, "ff": 128, "ff_context": 128}
+    assert manifest["structure"]["architecture"]["1"] == {"attn": 2, "ff": 128, "ff_context": 128}
+    assert manifest["structure"]["removed"] == removed
     assert not list((tmp_path / "pruned").glob("*.bin")) and not list((tmp_path / "pruned").glob("*.pt"))
     reloaded = load_pruned(tmp_path / "pruned")
     assert reloaded.transformer.transformer_blocks[1].attn.heads == 2

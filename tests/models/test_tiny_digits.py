@@ -101,6 +101,7 @@ def test_shipped_pipeline_loads_offline_with_stock_classes(pipe) -> None:
     assert sum(p.stat().st_size for p in files) < 10 * 2**20
 
 
+@pytest.mark.slow  # a sampler run (seconds on an idle CPU, tens under load)
 def test_generations_show_the_prompted_digit(pipe, classifier) -> None:
     prompts = [make_caption(d, fg, bg, t).text for d, fg, bg, t, _ in CASES]
     generators = [torch.Generator().manual_seed(seed) for *_, seed in CASES]

@@ -118,6 +118,7 @@ def test_build_is_deterministic_and_fast(pipe) -> None:
     assert again.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
 
 
+@pytest.mark.slow  # a sampler run (seconds on an idle CPU, tens under load)
 def test_sampling_is_non_degenerate(pipe) -> None:
     prompts = ["a red bicycle leaning on a brick wall", "a black cat sleeping on a blue sofa"]
     images = sample(pipe, prompts)
@@ -129,6 +130,7 @@ def test_sampling_is_non_degenerate(pipe) -> None:
     assert torch.equal(one, sample(pipe, prompts[:1]))
 
 
+@pytest.mark.slow  # seconds on an idle CPU, tens under load
 def test_save_and_reload_offline(pipe, tmp_path: Path) -> None:
     folder = save_tiny_sd3(tmp_path / "tiny")
     assert (folder / "model_index.json").is_file()

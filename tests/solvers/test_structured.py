@@ -7,6 +7,7 @@ from synthetic import correlated
 from obsdiff.solvers.obs import CholeskyError
 from obsdiff.solvers.structured import (
     chunk_sizes,
+    head_ranks,
     head_saliency,
     obs_remove_columns,
     pick_head,
@@ -191,3 +192,98 @@ def test_remove_heads_one_and_two_projections():
         assert sorted(joint.removed) == zero_heads
     with pytest.raises(ValueError, match="head_dim"):
         remove_heads([W1, W2[:, :12]], [H1, H2[:12, :12]], 4, 1)
+
+
+@pytest.mark.parametrize(
+    "first, second, expected", [([0.1, 0.2], [0.2, 0.1], 0), ([0.2, 0.1], [0.1, 0.2], 1)]
+)
+def test_rrf_tie_goes_to_the_head_the_first_projection_ranks_least_important(first, second, expected):
+    s1, s2 = torch.tensor(first), torch.tensor(second)  # rankings (0, 1) / (1, 0): one exact tie
+    fused = rrf_fuse([s1, s2], set())
+    assert fused[0] == fused[1]
+    assert pick_head(fused, set(), head_ranks(s1, set())) == expected
+    assert pick_head(fused, set()) == 0  # without the first projection's ranks: the lowest index
+
+
+def test_remove_heads_breaks_an_rrf_tie_by_the_first_projection_not_the_lowest_index():
+    # Identity Hessians: a head's score is its Frobenius norm. to_out.0 ranks head 1 least important,
+    # to_add_out head 0: the fused scores tie exactly, and head 1 must go.
+    g = torch.Generator().manual_seed(12)
+    u, v = (x / x.norm() for x in (torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)))
+    first = torch.cat([2 * u, v], dim=1)  # head norms 2, 1: head 1 ranked 0
+    second = torch.cat([u, 2 * v], dim=1)  # head norms 1, 2: head 0 ranked 0
+    res = remove_heads([first, second], [torch.eye(4), torch.eye(4)], 2, 1)
+    assert res.removed == [1]
+    swapped = remove_heads([second, first], [torch.eye(4), torch.eye(4)], 2, 1)
+    assert swapped.removed == [0]
+
+
+def zero_columns(W: torch.Tensor) -> list[int]:
+    return (W == 0).all(dim=0).nonzero().flatten().tolist()
+
+
+def test_remove_heads_on_a_column_range_removes_inside_and_compensates_outside():
+    W1, H1, _ = correlated(6, 20, seed=13)
+    W2, H2, _ = correlated(4, 20, seed=14)
+    start, stop, d = 4, 16, 4  # 3 heads on columns 4..15 of a 20-column layer
+    W1[:, :start] *= 1e-3  # the smallest columns lie outside the range: they must stay
+    res = remove_heads([W1, W2], [H1, H2], d, 2, cols=(start, stop))
+    assert len(set(res.removed)) == 2 and all(0 <= h < 3 for h in res.removed)
+    expected = sorted(start + h * d + i for h in res.removed for i in range(d))
+    outside = [c for c in range(20) if not start <= c < stop]
+    for W, Wn in zip((W1, W2), res.weights, strict=True):
+        assert zero_columns(Wn) == expected
+        assert not torch.equal(Wn[:, outside], W[:, outside])  # compensation reaches them
+    plain = remove_heads([W1, W2], [H1, H2], d, 2, compensate=False, cols=(start, stop))
+    for W, Wn in zip((W1, W2), plain.weights, strict=True):
+        kept = [c for c in range(20) if c not in zero_columns(Wn)]
+        assert torch.equal(Wn[:, kept], W[:, kept])
+
+    # one head: the joint OBS update over every kept column, inside the range or not
+    one = remove_heads([W1], [H1], d, 1, cols=(start, stop))
+    j = one.removed[0]
+    P = torch.arange(start + j * d, start + (j + 1) * d)
+    K = torch.tensor([c for c in range(20) if c not in P.tolist()])
+    Hinv = torch.linalg.inv(damped(H1))
+    ref = torch.zeros_like(W1.double())
+    ref[:, K] = W1.double()[:, K] - W1.double()[:, P] @ torch.linalg.solve(Hinv[P][:, P], Hinv[P][:, K])
+    torch.testing.assert_close(one.weights[0].double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_remove_heads_on_the_full_range_equals_no_range():
+    W1, H1, _ = correlated(6, 16, seed=15)
+    W2, H2, _ = correlated(3, 16, seed=16)
+    full = remove_heads([W1, W2], [H1, H2], 4, 2, cols=(0, 16))
+    default = remove_heads([W1, W2], [H1, H2], 4, 2)
+    assert full.removed == default.removed
+    for a, b in zip(full.weights, default.weights, strict=True):
+        assert torch.equal(a, b)
+    assert full.losses == default.losses and full.damp_frac_used == default.damp_frac_used
+
+
+@pytest.mark.parametrize("first_chunk, chunk", [(None, 64), (3, 2)])
+def test_remove_ffn_columns_on_a_column_range_removes_inside_and_compensates_outside(first_chunk, chunk):
+    W, H, _ = correlated(8, 40, seed=17)
+    start, stop = 10, 30
+    W[:, :start] *= 1e-3  # the least salient columns lie outside the range: they must stay
+    res = remove_ffn_columns(W, H, 8, first_chunk=first_chunk, chunk=chunk, cols=(start, stop))
+    assert res.removed.numel() == 8 and all(start <= c < stop for c in res.removed.tolist())
+    assert zero_columns(res.weight) == res.removed.tolist()  # absolute indices
+    outside = [c for c in range(40) if not start <= c < stop]
+    assert not torch.equal(res.weight[:, outside], W[:, outside])  # compensation reaches them
+    plain = remove_ffn_columns(
+        W, H, 8, compensate=False, first_chunk=first_chunk, chunk=chunk, cols=(start, stop)
+    )
+    assert all(start <= c < stop for c in plain.removed.tolist())
+    kept = [c for c in range(40) if c not in plain.removed.tolist()]
+    assert torch.equal(plain.weight[:, kept], W[:, kept])
+    assert res.loss < plain.loss
+
+
+def test_remove_ffn_columns_on_the_full_range_equals_no_range():
+    W, H, _ = correlated(8, 32, seed=18)
+    full = remove_ffn_columns(W, H, 12, first_chunk=4, chunk=4, cols=(0, 32))
+    default = remove_ffn_columns(W, H, 12, first_chunk=4, chunk=4)
+    assert torch.equal(full.removed, default.removed)
+    assert torch.equal(full.weight, default.weight)
+    assert full.loss == default.loss

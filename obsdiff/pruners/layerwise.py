@@ -1,0 +1,72 @@
+"""Layer-wise strategy: every target layer gets its own solve on its input group's Hessian."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from obsdiff.hessian import HessianAccumulator
+from obsdiff.models.base import ModelAdapter, Unit
+from obsdiff.pruners.records import LayerRecord
+from obsdiff.solvers.obs import Pattern, SolveResult, reconstruction_error
+
+# (W, H, pattern, *, layer, moments) -> SolveResult; moments = DSnoT's per-column input statistics
+LayerSolver = Callable[..., SolveResult]
+
+
+@dataclass
+class LayerwiseStrategy:
+    """Unstructured / N:M pruning of the target layers of ``blocks`` with one solver.
+
+    Args:
+        solver: the method's solve function (``obsdiff.solvers.layer_solver``).
+        pattern: the sparsity pattern.
+        targets: target layer names relative to a block.
+        blocks: block indices (``None`` = all).
+    """
+
+    solver: LayerSolver
+    pattern: Pattern
+    targets: Sequence[str]
+    blocks: Sequence[int] | None = None
+
+    def units(self, adapter: ModelAdapter, denoiser: nn.Module) -> list[Unit]:
+        return adapter.units(denoiser, self.blocks, self.targets)
+
+    def input_groups(self, unit: Unit) -> list[tuple[str, ...]]:
+        return list(unit)
+
+    def prune_unit(
+        self, denoiser: nn.Module, unit: Unit, hessians: dict[str, HessianAccumulator], package: int
+    ) -> list[LayerRecord]:
+        return [
+            self._prune_layer(denoiser, name, hessians[name], package) for group in unit for name in group
+        ]
+
+    def after_package(self, adapter: ModelAdapter, denoiser: nn.Module, package: list[Unit]) -> None:
+        """Nothing to reshape: pruned weights are zeros in place."""
+
+    def _prune_layer(
+        self, denoiser: nn.Module, name: str, acc: HessianAccumulator, package: int
+    ) -> LayerRecord:
+        layer = denoiser.get_submodule(name)
+        W, H = layer.weight.data, acc.H
+        t0 = time.perf_counter()
+        result = self.solver(W, H, self.pattern, layer=name, moments=acc.moments())
+        seconds = time.perf_counter() - t0
+        loss = reconstruction_error(W, result.weight, H)
+        W.copy_(result.weight)
+        return LayerRecord(
+            name=name,
+            rows=W.shape[0],
+            cols=W.shape[1],
+            package=package,
+            sparsity=float((W == 0).float().mean()),
+            damp_frac=result.damp_frac,
+            damp=result.damp,
+            loss=loss,
+            seconds=seconds,
+        )
