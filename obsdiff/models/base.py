@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class ModelAdapter:
     """
 
     family: str = ""
+    denoiser_class: str = ""  # the diffusers class of the denoiser (``empty_denoiser`` builds it)
     default_targets: tuple[str, ...] = ()
     default_options: Mapping[str, Any] = {}
     denoiser_subfolder = "transformer"
@@ -176,7 +177,23 @@ class ModelAdapter:
         output_type: str = "latent",
     ) -> Any:
         """Run the sampler on pre-encoded prompts; ``output_type='latent'`` skips the VAE decode."""
-        raise NotImplementedError
+        device = self.denoiser(pipe).device
+        with torch.no_grad():
+            out = pipe(
+                **{k: v.to(device) for k, v in embeds.items()},
+                **self.sampler_kwargs(pipe, guidance_scale),
+                num_inference_steps=num_steps,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                output_type=output_type,
+                callback_on_step_end=callback,
+            )
+        return out.images
+
+    def sampler_kwargs(self, pipe: Any, guidance_scale: float) -> dict:
+        """The family's guidance arguments of the pipeline call (CFG scale, true CFG, token count)."""
+        return {"guidance_scale": guidance_scale}
 
     def offload_text_encoders(self, pipe: Any) -> None:
         """Move the text encoders off the accelerator once prompts are encoded."""
@@ -191,7 +208,12 @@ class ModelAdapter:
 
     def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
         """The denoiser class built from ``config`` without weights (``meta``: no memory)."""
-        raise NotImplementedError
+        import diffusers
+
+        with torch.device(device):
+            return getattr(diffusers, self.denoiser_class).from_config(
+                {k: v for k, v in config.items() if not k.startswith("_")}
+            )
 
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
@@ -233,6 +255,46 @@ class ModelAdapter:
                 if group.name in shape:  # keep the first heads / neurons; weights are loaded after
                     removed[group.key] = list(range(shape[group.name], size))
             self.remove_structure(denoiser, unit, removed)
+
+
+def table_units(
+    denoiser: nn.Module, blocks: Sequence[int], table_of: Callable[[int], tuple], targets: Sequence[str]
+) -> list[Unit]:
+    """Basic units of ``blocks`` from per-block unit tables, keeping the target linears that exist.
+
+    Args:
+        denoiser: the model.
+        blocks: block indices in forward order.
+        table_of: block index → ``(module prefix, units, tag)``: each unit a tuple of input groups
+            of target names; ``tag`` is what those names carry before their module path in this
+            kind of block (Flux single blocks: ``"single."``), else ``""``.
+        targets: the wanted target names.
+    """
+    wanted, modules = set(targets), dict(denoiser.named_modules())
+    units: list[Unit] = []
+    for b in blocks:
+        prefix, table, tag = table_of(b)
+        for unit in table:
+            groups = []
+            for group in unit:
+                names = tuple(f"{prefix}.{n.removeprefix(tag)}" for n in group if n in wanted)
+                names = tuple(n for n in names if isinstance(modules.get(n), nn.Linear))
+                if names:
+                    groups.append(names)
+            if groups:
+                units.append(groups)
+    return units
+
+
+def random_inputs(reference: Any, generator: Any) -> Any:
+    """``rand(*shape)``: random values on ``reference``'s device and dtype (``meta``: empty)."""
+
+    def rand(*shape: int) -> Any:
+        if reference.device.type == "meta":
+            return torch.empty(shape, device="meta", dtype=reference.dtype)
+        return torch.randn(shape, generator=generator).to(reference.device, reference.dtype)
+
+    return rand
 
 
 def not_available(path: str, err: Exception) -> ModelNotAvailableError:

@@ -29,7 +29,9 @@ from obsdiff.models.base import (
     ModelConfigError,
     Unit,
     not_available,
+    random_inputs,
     resolve_device,
+    table_units,
     torch_dtype,
 )
 from obsdiff.models.structure import HeadGroup, NeuronGroup, StructureUnit, slice_unit
@@ -76,6 +78,7 @@ class FluxAdapter(ModelAdapter):
     """
 
     family = "flux"
+    denoiser_class = "FluxTransformer2DModel"
     default_targets = DOUBLE_TARGETS + SINGLE_TARGETS
     default_options = {"max_sequence_length": 512, "true_cfg_scale": 1.0}
     embedded = {"tiny_digits_flux": Path(__file__).with_name("tiny_digits_flux")}
@@ -151,25 +154,16 @@ class FluxAdapter(ModelAdapter):
         return pipe.to(device)
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
-        wanted, modules = set(targets), dict(denoiser.named_modules())
         num_double = len(denoiser.transformer_blocks)
-        indices = (
-            range(num_double + len(denoiser.single_transformer_blocks)) if blocks is None else sorted(blocks)
-        )
-        units: list[Unit] = []
-        for b in indices:
-            table = DOUBLE_UNITS if b < num_double else SINGLE_UNITS
-            prefix = _prefix(b, num_double)
-            for unit in table:
-                groups = []
-                for group in unit:
-                    names = tuple(f"{prefix}.{n.removeprefix('single.')}" for n in group if n in wanted)
-                    names = tuple(n for n in names if isinstance(modules.get(n), nn.Linear))
-                    if names:
-                        groups.append(names)
-                if groups:
-                    units.append(groups)
-        return units
+        num = num_double + len(denoiser.single_transformer_blocks)
+        indices = range(num) if blocks is None else sorted(blocks)
+
+        def table_of(b: int) -> tuple:
+            if b < num_double:
+                return _prefix(b, num_double), DOUBLE_UNITS, ""
+            return _prefix(b, num_double), SINGLE_UNITS, "single."  # single-block targets carry a tag
+
+        return table_units(denoiser, indices, table_of, targets)
 
     def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
         config = pipe.transformer.config
@@ -200,54 +194,22 @@ class FluxAdapter(ModelAdapter):
             )
         return pe, ppe
 
-    def denoise(
-        self,
-        pipe: Any,
-        embeds: dict,
-        generators: list,
-        num_steps: int,
-        guidance_scale: float,
-        resolution: int,
-        callback: Any = None,
-        output_type: str = "latent",
-    ) -> Any:
-        device = pipe.transformer.device
-        with torch.no_grad():
-            out = pipe(
-                **{k: v.to(device) for k, v in embeds.items()},
-                true_cfg_scale=self._true_cfg(guidance_scale, pipe.transformer.config),
-                guidance_scale=guidance_scale,
-                num_inference_steps=num_steps,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type=output_type,
-                callback_on_step_end=callback,
-                max_sequence_length=self.options["max_sequence_length"],
-            )
-        return out.images
+    def sampler_kwargs(self, pipe: Any, guidance_scale: float) -> dict:
+        return {
+            "true_cfg_scale": self._true_cfg(guidance_scale, pipe.transformer.config),
+            "guidance_scale": guidance_scale,  # the embedding of guidance-distilled models
+            "max_sequence_length": self.options["max_sequence_length"],
+        }
 
     def text_tokens(self, pipe: Any) -> int:
         return self.options["max_sequence_length"]  # the joint attention reads the T5 tokens only
-
-    def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
-        from diffusers import FluxTransformer2DModel
-
-        with torch.device(device):
-            return FluxTransformer2DModel.from_config(
-                {k: v for k, v in config.items() if not k.startswith("_")}
-            )
 
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
     ) -> dict:
         cfg, p = denoiser.config, next(denoiser.parameters())
         tokens = (latent_size // 2) ** 2  # 2×2 latent patches are packed into one token
-
-        def rand(*shape: int) -> Any:
-            if p.device.type == "meta":
-                return torch.empty(shape, device="meta", dtype=p.dtype)
-            return torch.randn(shape, generator=generator).to(p.device, p.dtype)
+        rand = random_inputs(p, generator)
 
         inputs = {
             "hidden_states": rand(batch, tokens, cfg.in_channels),

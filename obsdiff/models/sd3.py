@@ -14,7 +14,9 @@ from obsdiff.models.base import (
     ModelNotAvailableError,
     Unit,
     not_available,
+    random_inputs,
     resolve_device,
+    table_units,
     torch_dtype,
 )
 from obsdiff.models.structure import HeadGroup, NeuronGroup, StructureUnit, slice_unit
@@ -54,6 +56,7 @@ class SD3Adapter(ModelAdapter):
     """
 
     family = "sd3"
+    denoiser_class = "SD3Transformer2DModel"
     default_targets = SD3_TARGETS + DUAL_ATTENTION_TARGETS
     default_options = {"text_encoder_3": "auto", "max_sequence_length": 256}
     embedded = {"tiny_digits": Path(__file__).with_name("tiny_digits")}
@@ -125,21 +128,8 @@ class SD3Adapter(ModelAdapter):
         return pipe.to(device)
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
-        wanted = set(targets)
-        modules = dict(denoiser.named_modules())
         indices = range(len(denoiser.transformer_blocks)) if blocks is None else sorted(blocks)
-        units: list[Unit] = []
-        for b in indices:
-            for unit in SD3_UNITS:
-                groups = []
-                for group in unit:
-                    names = tuple(f"transformer_blocks.{b}.{n}" for n in group if n in wanted)
-                    names = tuple(n for n in names if isinstance(modules.get(n), nn.Linear))
-                    if names:
-                        groups.append(names)
-                if groups:
-                    units.append(groups)
-        return units
+        return table_units(denoiser, indices, lambda b: (f"transformer_blocks.{b}", SD3_UNITS, ""), targets)
 
     def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
         do_cfg = guidance_scale > 1
@@ -167,52 +157,15 @@ class SD3Adapter(ModelAdapter):
                     parts.setdefault(key, []).append(value.cpu())
         return {k: torch.cat(v) for k, v in parts.items()}
 
-    def denoise(
-        self,
-        pipe: Any,
-        embeds: dict,
-        generators: list,
-        num_steps: int,
-        guidance_scale: float,
-        resolution: int,
-        callback: Any = None,
-        output_type: str = "latent",
-    ) -> Any:
-        device = pipe.transformer.device
-        with torch.no_grad():
-            out = pipe(
-                **{k: v.to(device) for k, v in embeds.items()},
-                num_inference_steps=num_steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type=output_type,
-                callback_on_step_end=callback,
-            )
-        return out.images
-
     def text_tokens(self, pipe: Any) -> int:
         # CLIP tokens + T5 tokens (zeros when T5 is dropped, still attended to).
         return pipe.tokenizer_max_length + self.options["max_sequence_length"]
-
-    def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
-        from diffusers import SD3Transformer2DModel
-
-        with torch.device(device):
-            return SD3Transformer2DModel.from_config(
-                {k: v for k, v in config.items() if not k.startswith("_")}
-            )
 
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
     ) -> dict:
         cfg, p = denoiser.config, next(denoiser.parameters())
-
-        def rand(*shape: int) -> Any:
-            if p.device.type == "meta":
-                return torch.empty(shape, device="meta", dtype=p.dtype)
-            return torch.randn(shape, generator=generator).to(p.device, p.dtype)
+        rand = random_inputs(p, generator)
 
         return {
             "hidden_states": rand(batch, cfg.in_channels, latent_size, latent_size),
