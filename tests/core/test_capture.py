@@ -130,6 +130,7 @@ def test_package_k_is_calibrated_on_the_partially_pruned_model(tiny_pipe, monkey
     assert all(math.isfinite(r.loss) and 0 <= r.loss < 1 for r in records)
 
 
+@pytest.mark.slow  # sampler-heavy: full tier only
 def test_nm_run_gives_exact_pattern_on_every_target(tiny_pipe):
     adapter, pipe = tiny_pipe
     calib = make_calib(adapter, pipe, num_prompts=1, batch_size=1, steps=2)

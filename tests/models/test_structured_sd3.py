@@ -58,6 +58,7 @@ def test_units_read_head_size_from_config_and_skip_heads_without_context(tiny_pi
     assert [n for g in units[2] for n in g.outputs] == ["transformer_blocks.3.ff.net.2"]
 
 
+@pytest.mark.slow  # sampler-heavy: full tier only
 def test_exact_head_and_neuron_counts(tiny_pipe):
     adapter, pipe = tiny_pipe
     records, removed = prune_structured(adapter, pipe, calibration(adapter, pipe), HALF, 2, [1, 2])
@@ -82,6 +83,7 @@ def test_exact_head_and_neuron_counts(tiny_pipe):
     assert forward(pipe.transformer).isfinite().all()
 
 
+@pytest.mark.slow  # sampler-heavy: full tier only
 def test_slicing_is_lossless(tiny_pipe):
     adapter, pipe = tiny_pipe
     masked_pipe = copy.deepcopy(pipe)
@@ -126,6 +128,7 @@ def test_compensation_lowers_the_error(tiny_pipe):
     assert err_comp < err_plain
 
 
+@pytest.mark.slow  # sampler-heavy: full tier only
 def test_save_load_round_trip_gives_identical_images(tiny_pipe, compose_cfg, tmp_path):
     adapter, pipe = tiny_pipe
     calib = calibration(adapter, pipe)

@@ -127,6 +127,7 @@ def test_true_cfg_changes_the_sample(pipe) -> None:
     assert (plain - guided).abs().mean() > 1e-4
 
 
+@pytest.mark.slow  # sampler-heavy: full tier only
 def test_save_and_reload_offline(pipe, tmp_path: Path) -> None:
     pipe.save_pretrained(tmp_path / "tiny_flux")
     reloaded = FluxPipeline.from_pretrained(tmp_path / "tiny_flux", local_files_only=True)
