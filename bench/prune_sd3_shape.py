@@ -6,7 +6,7 @@ solves and the loop's per-layer bookkeeping, plus peak memory. Random
 weights and prompt embeddings stand in for the checkpoint and text encoders: nothing downloads.
 
     python bench/prune_sd3_shape.py --preset cpu-small
-    python bench/prune_sd3_shape.py --preset paper          # SD3-Medium, METHOD.md §5, on a GPU
+    python bench/prune_sd3_shape.py --preset paper          # SD3-Medium, docs/METHOD.md §5, on a GPU
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from obsdiff.solvers import Pattern, SolveResult, layer_solver
 SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens (zero rows: the random pipeline has no T5, as at inference)
 TEXT_TOKENS = 77 + MAX_SEQUENCE_LENGTH  # CLIP tokens + T5 tokens
-# METHOD.md §5 calibration settings; cpu-small fits a 2-core CPU in a few minutes.
+# docs/METHOD.md §5 calibration settings; cpu-small fits a 2-core CPU in a few minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(num_layers=24, num_prompts=100, num_steps=25, resolution=512, num_packages=4, batch_size=4,
                   device="auto", dtype="float16"),

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def load_pruned(path, pipeline=None, **pipeline_kwargs):
+def load_pruned(path, /, pipeline=None, **pipeline_kwargs):
     """Load a pruned artifact into its pipeline; see ``obsdiff.artifacts.load_pruned``."""
     from obsdiff.artifacts import load_pruned as _load
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from obsdiff.artifacts import library_versions, load_pruned, read_manifest
+from obsdiff.artifacts import base_model_config, library_versions, load_pruned, read_manifest
 from obsdiff.config import parse_blocks
 from obsdiff.evaluation.cost import denoiser_cost, structured_architecture
 from obsdiff.evaluation.speed import CPU_WARNING, denoiser_latency, device_name, pipeline_latency, verdict
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=28, help="--artifact: sampler steps per image")
     p.add_argument("--guidance-scale", type=float, default=7.0)
     p.add_argument("--pipeline-iters", type=int, default=3, help="--artifact: timed sampler calls")
+    base_help = "--artifact: the base model's folder here (an artifact names another machine's as .../name)"
+    p.add_argument("--base-path", help=base_help)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/speed.jsonl"))
@@ -98,7 +100,9 @@ def bench_artifact(args: argparse.Namespace, device: torch.device, dtype: str) -
     """Pruned pipeline, then its dense base (one at a time in memory): denoiser + end-to-end."""
     manifest = read_manifest(args.artifact)
     overrides = {"device": str(device), "torch_dtype": dtype}
-    model_cfg = OmegaConf.create(manifest["model"] | overrides)
+    if args.base_path:
+        overrides["path"] = args.base_path
+    model_cfg = base_model_config(args.artifact, manifest, **overrides)
     adapter = get_adapter(model_cfg.family, model_cfg.get("options"))
     pipe = load_pruned(args.artifact, **overrides)
     denoiser = adapter.denoiser(pipe)

@@ -1,4 +1,4 @@
-"""Timestep-weighted Hessian accumulator (METHOD.md §2).
+"""Timestep-weighted Hessian accumulator (docs/METHOD.md §2).
 
 ``H = 2 Σ_i α_i X_i X_iᵀ`` kept as a running mean in fp32, exactly as the reference: each
 call scales its inputs by ``√α`` and weights the mean by ``α × batch``. The same weighting gives

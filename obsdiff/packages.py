@@ -1,4 +1,4 @@
-"""Module packages (METHOD.md §3): basic units cut into contiguous packages."""
+"""Module packages (docs/METHOD.md §3): basic units cut into contiguous packages."""
 
 from __future__ import annotations
 

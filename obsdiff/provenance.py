@@ -54,3 +54,20 @@ def files_fingerprint(*locations: str | Path) -> str:
                 )
         entries.append(str(location))
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:12]
+
+
+# Fields that change how a run is carried out or recorded, never what it computes.
+NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric")
+
+
+def run_hash(cfg: Any) -> str:
+    """Hash of what a run computes: the resolved config without :data:`NOT_HASHED` fields.
+
+    A rerun in the same run directory resumes only if this matches; a sweep skips a job whose
+    directory holds a ``done`` run with the same value.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_HASHED:
+        container.pop(key, None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""The group-wise sequential loop: calibrate a package, prune it, go on to the next one (METHOD.md §3).
+"""The group-wise sequential loop: calibrate a package, prune it, go on to the next one (docs/METHOD.md §3).
 
 The loop knows no model family and no method: the adapter lists the units, the strategy
 (``pruners/layerwise.py`` or ``pruners/structured.py``) says which layers of a unit share a
@@ -8,6 +8,7 @@ Hessian, prunes a calibrated unit and reshapes the model after a package.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,9 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from obsdiff import faults
 from obsdiff.calibration.capture import capture_hessians
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
+from obsdiff.checkpoint import PackageCheckpoints
 from obsdiff.hessian import HessianAccumulator
 from obsdiff.models.base import ModelAdapter, slice_embeds
 from obsdiff.packages import split_packages
@@ -63,6 +66,18 @@ class Strategy(Protocol):
 
     def after_package(self, adapter: ModelAdapter, denoiser: nn.Module, package: list[Any]) -> None: ...
 
+    def modules(self, unit: Any) -> list[str]: ...
+
+    def package_state(self, package: list[Any]) -> dict: ...
+
+    def restore(
+        self, adapter: ModelAdapter, denoiser: nn.Module, package: list[Any], state: dict
+    ) -> None: ...
+
+
+class NonFiniteError(RuntimeError):
+    """A Hessian or a pruned weight holds NaN or Inf: the run stops before writing anything."""
+
 
 def prepare_calibration(adapter: ModelAdapter, pipe: Any, calibration: Any, schedule: Any) -> Calibration:
     """Load and encode the calibration prompts once, with per-prompt seeds and the α schedule."""
@@ -80,15 +95,28 @@ def prepare_calibration(adapter: ModelAdapter, pipe: Any, calibration: Any, sche
 
 
 def calibrate(
-    adapter: ModelAdapter, pipe: Any, calib: Calibration, tracker: StepTracker, progress: tqdm
+    adapter: ModelAdapter,
+    pipe: Any,
+    calib: Calibration,
+    tracker: StepTracker,
+    progress: tqdm,
+    stage: str = "",
 ) -> None:
-    """Run every calibration prompt through the full sampler (latents only, no VAE decode)."""
+    """Run every calibration prompt through the full sampler (latents only, no VAE decode).
+
+    ``stage`` names the calibration for :func:`obsdiff.faults.reached` (tests kill a run there).
+    """
     num_prompts = len(calib.seeds)
     for start in range(0, num_prompts, calib.batch_size):
         stop = min(start + calib.batch_size, num_prompts)
         generators = [torch.Generator("cpu").manual_seed(s) for s in calib.seeds[start:stop]]
         tracker.reset()
-        tracker.on_step = lambda n=stop - start: progress.update(n)
+
+        def on_step(n: int = stop - start) -> None:
+            progress.update(n)
+            faults.reached(stage)
+
+        tracker.on_step = on_step
         adapter.denoise(
             pipe,
             slice_embeds(calib.embeds, start, stop),
@@ -110,16 +138,21 @@ def prune_groupwise(
     strategy: Strategy,
     num_packages: int,
     on_package_done: Callable[[list[LayerRecord]], None] | None = None,
+    checkpoints: PackageCheckpoints | None = None,
 ) -> list[LayerRecord]:
     """Prune the denoiser in place, package by package.
 
     1. Units (adapter + strategy) are cut into ``num_packages`` contiguous packages.
-    2. For each package: hook its input groups → run the whole calibration set through the
-       sampler → remove the hooks → prune every unit → let the strategy reshape the model →
-       free the package's Hessians → report its records.
+    2. Packages finished by an earlier, killed run (``checkpoints``) are restored, not redone.
+    3. For each remaining package: hook its input groups → run the whole calibration set through
+       the sampler → remove the hooks → check the Hessians → prune every unit → let the strategy
+       reshape the model → free the package's Hessians → checkpoint it → report its records.
 
     Package ``k`` is calibrated on the model in which packages ``< k`` are already pruned; inside
     a package every layer sees dense upstream activations.
+
+    Raises:
+        NonFiniteError: A Hessian or a pruned weight is not finite (names the layer).
 
     Returns:
         One record per pruned layer.
@@ -131,26 +164,53 @@ def prune_groupwise(
     log.info(
         "package plan (before calibration):\n%s", format_plan(package_plan(denoiser, strategy, packages))
     )
-    tracker = StepTracker(calib.timestep_weights)
-    total = len(packages) * len(calib.seeds) * calib.num_steps
     records: list[LayerRecord] = []
+    finished = 0 if checkpoints is None else checkpoints.finished(len(packages))
+    for k in range(finished):  # the dense model gets the finished packages' shapes, then weights
+        package_records, state = checkpoints.record(k)
+        strategy.restore(adapter, denoiser, packages[k], state)
+        checkpoints.load(k, denoiser)
+        records += package_records
+        if on_package_done is not None:
+            on_package_done(package_records)
+    if finished:
+        log.info("resumed: packages 1-%d of %d restored from %s", finished, len(packages), checkpoints.folder)
+    tracker = StepTracker(calib.timestep_weights)
+    total = (len(packages) - finished) * len(calib.seeds) * calib.num_steps
     with tqdm(total=total, desc="calibrate+prune", unit="prompt-step", dynamic_ncols=True) as progress:
-        for k, package in enumerate(packages):
-            label = f"package {k + 1}/{len(packages)}"
+        for k in range(finished, len(packages)):
+            package, label, start = packages[k], f"package {k + 1}/{len(packages)}", time.perf_counter()
             progress.set_postfix_str(label)
             groups = [group for unit in package for group in strategy.input_groups(unit)]
             with capture_hessians(denoiser, groups, tracker) as hessians:
-                calibrate(adapter, pipe, calib, tracker, progress)
+                calibrate(adapter, pipe, calib, tracker, progress, stage=f"calibrate:{k}")
+            _check_finite("Hessian", {name: acc.H for name, acc in hessians.items()})
             package_records = []
             for u, unit in enumerate(package):
                 progress.set_postfix_str(f"{label}: solving {u + 1}/{len(package)}")
                 package_records += strategy.prune_unit(denoiser, unit, hessians, k)
+                faults.reached(f"solve:{k}")
+            modules = [name for unit in package for name in strategy.modules(unit)]
+            _check_finite("pruned weight", {n: denoiser.get_submodule(n).weight for n in modules})
             strategy.after_package(adapter, denoiser, package)
             del hessians  # a package's Hessians must not outlive it
+            if checkpoints is not None:
+                checkpoints.save(k, denoiser, modules, package_records, strategy.package_state(package))
             records += package_records
             if on_package_done is not None:
                 on_package_done(package_records)
+            log.info("%s done: %d layers in %.1f s", label, len(package_records), time.perf_counter() - start)
     return records
+
+
+def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteError` naming the first layer whose tensor holds NaN or Inf."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{what} of layer {name} holds NaN or Inf; nothing was written. Check the model's dtype "
+                "(fp16 overflows: try model.torch_dtype=bfloat16 or float32) and the calibration settings."
+            )
 
 
 @dataclass

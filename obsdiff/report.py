@@ -2,9 +2,12 @@
 
     obsdiff-report multirun/compare_methods/2026-11-27_10-00-00 [more dirs] [--out DIR]
 
-Every folder below the given ones that holds a ``metrics.json`` is one run. The table is
-method × sparsity pattern for each metric; ``layer_loss`` is the mean of ``layers.csv``'s
-``loss`` (the timestep-weighted relative reconstruction error, the same for every method).
+Every folder below the given ones that holds a ``status.json`` or a ``metrics.json`` is one run;
+only runs whose status is ``done`` are in the table (a ``metrics.json`` is complete only then), the
+others (running, killed, failed, or older runs with no ``status.json``) are listed under it. The
+table is method × sparsity pattern for each metric; ``layer_loss`` is the mean of ``layers.csv``'s
+``loss`` (the timestep-weighted relative reconstruction error, the same for every method). Every
+multirun writes this report into its sweep folder when it ends.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import math
 import statistics
 from pathlib import Path
+
+from obsdiff.runstate import read_status
 
 # Shown when any run has them. ``eval/fid`` is left out: it is ``fid_real`` or ``fid_dense``.
 METRICS = {
@@ -31,21 +36,44 @@ COLUMNS = ["run", *SETTINGS, *(f"dense/{k[5:]}" for k in METRICS if k.startswith
 PATTERN_ORDER = ["unstructured", ":", "structured"]  # unstructured levels, then N:M, then structured
 
 
+def run_dirs(roots: list[Path]) -> list[Path]:
+    """Every folder below ``roots`` (or one of them) that holds a ``status.json`` or ``metrics.json``."""
+    found = {p.parent for root in roots for name in ("status.json", "metrics.json") for p in root.rglob(name)}
+    return sorted(found)
+
+
+def split_done(roots: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The finished runs, and every other run with why it is left out."""
+    done, left_out = [], []
+    for run_dir in run_dirs(roots):
+        status = read_status(run_dir)
+        if status is None:
+            left_out.append((run_dir, "no status.json (unfinished, or from before obsdiff recorded it)"))
+        elif status["state"] != "done":
+            error = f": {status['error']}".replace("\n", " ") if status.get("error") else ""
+            left_out.append((run_dir, f"{status['state']}{error}"))
+        elif not (run_dir / "metrics.json").is_file():
+            left_out.append((run_dir, "done but metrics.json is missing"))
+        else:
+            done.append(run_dir)
+    return done, left_out
+
+
 def collect(roots: list[Path]) -> list[dict]:
-    """One row per run folder (sorted by method and pattern)."""
+    """One row per finished run (sorted by method and pattern)."""
     rows = []
-    for root in roots:
-        for path in sorted(root.rglob("metrics.json")):
-            metrics = json.loads(path.read_text())
-            if "prune/method" not in metrics:
-                continue  # not a finished obsdiff run
-            losses = [float(r["loss"]) for r in csv.DictReader((path.parent / "layers.csv").open())]
-            row = {k: metrics.get(k, math.nan) for k in COLUMNS}
-            row |= {k: metrics.get(f"prune/{k}", "") for k in SETTINGS}
-            row |= {"run": str(path.parent), "layer_loss": statistics.fmean(losses) if losses else math.nan}
-            if "plumbing" in metrics.get("eval/clip_network", ""):  # a random CLIP: not a result
-                row["eval/clip_score"] = row["dense/clip_score"] = math.nan
-            rows.append(row)
+    for run_dir in split_done(roots)[0]:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if "prune/method" not in metrics:
+            continue  # not a pruning run
+        layers = run_dir / "layers.csv"
+        losses = [float(r["loss"]) for r in csv.DictReader(layers.open())] if layers.is_file() else []
+        row = {k: metrics.get(k, math.nan) for k in COLUMNS}
+        row |= {k: metrics.get(f"prune/{k}", "") for k in SETTINGS}
+        row |= {"run": str(run_dir), "layer_loss": statistics.fmean(losses) if losses else math.nan}
+        if "plumbing" in metrics.get("eval/clip_network", ""):  # a random CLIP: not a result
+            row["eval/clip_score"] = row["dense/clip_score"] = math.nan
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["method"], _pattern_key(r["pattern"])))
 
 
@@ -141,24 +169,48 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="obsdiff-report", description=__doc__.splitlines()[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun folders")
-    parser.add_argument("--out", type=Path, help="where report.{csv,md,png} go (default: the first dir)")
-    args = parser.parse_args(argv)
-    rows = collect(args.dirs)
+def left_out_text(left_out: list[tuple[Path, str]]) -> str:
+    """The runs that are not in the table, one line each (Markdown)."""
+    if not left_out:
+        return ""
+    lines = [f"### not in the table: {len(left_out)} run(s) not done", ""]
+    lines += [f"- `{run_dir}`: {why}" for run_dir, why in left_out]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(roots: list[Path], out: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Write ``report.csv``, ``report.md`` and ``report.png`` of the finished runs into ``out``.
+
+    Returns:
+        The table's rows and the runs left out (nothing is written when no run is finished).
+    """
+    rows, left_out = collect(roots), split_done(roots)[1]
     if not rows:
-        raise SystemExit(
-            f"no obsdiff runs (metrics.json with prune/method) under {[str(d) for d in args.dirs]}"
-        )
-    out = args.out or args.dirs[0]
+        return rows, left_out
     out.mkdir(parents=True, exist_ok=True)
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "report.md").write_text(markdown(rows))
+    (out / "report.md").write_text("\n".join(filter(None, [markdown(rows), left_out_text(left_out)])))
     plot(rows, out / "report.png")
+    return rows, left_out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="obsdiff-report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun folders")
+    parser.add_argument("--out", type=Path, help="where report.{csv,md,png} go (default: the first dir)")
+    args = parser.parse_args(argv)
+    out = args.out or args.dirs[0]
+    rows, left_out = write_report(args.dirs, out)
+    if left_out:
+        print(left_out_text(left_out))
+    if not rows:
+        raise SystemExit(
+            f"no finished obsdiff runs (status.json done, metrics.json with prune/method) under "
+            f"{[str(d) for d in args.dirs]}"
+        )
     print(markdown(rows))
     print(f"wrote {out / 'report.csv'}, {out / 'report.md'}, {out / 'report.png'} ({len(rows)} runs)")
 

@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
+import math
 import shutil
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned
-from obsdiff.config import RunSpec, check_fields, resolve
+from obsdiff import faults
+from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned, write_model_card
+from obsdiff.checkpoint import PackageCheckpoints
+from obsdiff.config import ConfigError, RunSpec, check_fields, resolve
 from obsdiff.evaluation.cost import denoiser_cost
 from obsdiff.evaluation.evaluate import Scorer, dense_baseline, generate, prepare_eval_set
-from obsdiff.evaluation.grid import save_image_grid
+from obsdiff.evaluation.grid import image_grid
+from obsdiff.fileio import atomic_write, write_text
 from obsdiff.models import ModelAdapter, get_adapter
-from obsdiff.prune import prepare_calibration, prune_groupwise
+from obsdiff.provenance import run_hash
+from obsdiff.prune import NonFiniteError, prepare_calibration, prune_groupwise
 from obsdiff.pruners.layerwise import LayerwiseStrategy
 from obsdiff.pruners.records import LayerRecord
 from obsdiff.pruners.structured import StructuredStrategy
+from obsdiff.runstate import read_status, write_status
 from obsdiff.solvers import layer_solver
 from obsdiff.tracking import tracking
 
@@ -31,18 +39,84 @@ log = logging.getLogger(__name__)
 LAYER_COLUMNS = [f.name for f in dataclasses.fields(LayerRecord)]
 
 
+# What a run writes into its directory (``resume=false`` deletes these before starting).
+OUTPUTS = ("status.json", "metrics.json", "layers.csv", "samples.png", "pruned", "checkpoints")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run the configured experiment (``artifact=…``: evaluate a saved pruned model instead).
 
-    Writes ``metrics.json``, ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``.
+    Writes ``status.json`` (``running``, then ``done`` or ``failed``), ``metrics.json``,
+    ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``; the outputs are complete only
+    once the status is ``done``. Rerun in the same directory after a kill, the same config resumes
+    after its last finished package (``checkpoints/``) and ends with the same bytes as an
+    uninterrupted run; a finished run is not redone; another config is refused (``resume=false``
+    starts clean).
+
+    Raises:
+        ConfigError: ``run_dir`` holds a run of another config and ``resume`` is true.
     """
     check_fields(cfg)  # 0. every check that needs no weights; the spec, resolved once
-    spec = resolve(cfg)
+    spec, run_dir, digest = resolve(cfg), Path(run_dir), run_hash(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = PackageCheckpoints(run_dir / "checkpoints", digest)
+    if _claim(cfg, run_dir, digest):
+        checkpoints.clear()
+        log.info("%s already holds this run, done; nothing to redo (resume=false starts clean)", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
+    log.info("run dir %s (config %s)", run_dir, digest)
+    write_status(run_dir, "running", digest)
+    try:
+        metrics = _run(cfg, spec, run_dir, checkpoints)
+    except BaseException as err:  # a kill -9 leaves "running"; everything else says what happened
+        write_status(run_dir, "failed", digest, error=f"{type(err).__name__}: {err}",
+                     traceback=traceback.format_exc())  # fmt: skip
+        raise
+    outputs = sorted(name for name in OUTPUTS[1:] if (run_dir / name).exists() and name != "checkpoints")
+    write_status(run_dir, "done", digest, outputs=outputs)
+    checkpoints.clear()
+    log.info("done; outputs in %s: %s", run_dir, ", ".join(outputs))
+    return metrics
+
+
+def _claim(cfg: DictConfig, run_dir: Path, digest: str) -> bool:
+    """Take ``run_dir`` for this run; ``True`` if it already holds this run, done.
+
+    A directory used by another config is refused while ``resume`` is true; ``resume=false``
+    deletes the earlier outputs first.
+    """
+    status = read_status(run_dir)
+    if not cfg.resume:
+        for name in OUTPUTS:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return False
+    if status is None:
+        leftovers = [name for name in OUTPUTS if (run_dir / name).exists()]
+        if leftovers:
+            raise ConfigError(
+                f"{run_dir} holds outputs of a run with no status.json ({', '.join(leftovers)}): use a new "
+                "hydra.run.dir, or resume=false to delete them and start clean"
+            )
+        return False
+    if status["config_hash"] != digest:
+        raise ConfigError(
+            f"{run_dir} holds a {status['state']} run of another config ({status['config_hash']}; this "
+            f"one is {digest}): use a new hydra.run.dir, or resume=false to delete it and start clean"
+        )
+    if status["state"] == "done":
+        return (run_dir / "metrics.json").is_file()
+    log.info("%s holds an unfinished run of this config (%s): resuming", run_dir, status["state"])
+    return False
+
+
+def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, checkpoints: PackageCheckpoints) -> dict:
     torch.set_flush_denormal(cfg.flush_denormal)
     adapter = get_adapter(spec.family, spec.options)
     metrics: dict = {f"versions/{k}": v for k, v in library_versions().items()}
     with tracking(cfg, run_dir) as tracker:
         pipe = adapter.load(cfg.model)  # 1. load; encode every prompt once
+        log.info("model %s loaded (%s)", cfg.model.name, type(adapter.denoiser(pipe)).__name__)
         calib = (
             prepare_calibration(adapter, pipe, cfg.calibration, cfg.schedule)
             if cfg.artifact is None
@@ -55,37 +129,58 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         adapter.offload_text_encoders(pipe)
         cost_dense = _cost(adapter, pipe, cfg)
         if cfg.artifact is None:  # 3. group-wise sequential pruning, 4. save
-            records = _prune(cfg, spec, adapter, pipe, calib, run_dir, metrics)
+            records = _prune(cfg, spec, adapter, pipe, calib, run_dir, metrics, checkpoints)
         else:  # 3'. prune once, evaluate many
             records = _load_artifact(cfg, pipe, run_dir, metrics)
         metrics |= _cost_metrics(cost_dense, _cost(adapter, pipe, cfg), adapter.denoiser(pipe))
         _write_metrics(run_dir, metrics)
         if cfg.eval.kind != "none":  # 5. evaluate against the same prompts and seeds
             pruned = generate(adapter, pipe, evalset, cfg.eval, evalset.seeds, desc="pruned images")
+            faults.reached("evaluate")
             metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts).items()}
             n = min(cfg.eval.num_grid, len(evalset.prompts))
-            save_image_grid(
-                run_dir / "samples.png", {"dense": dense[:n], "pruned": pruned[:n]}, evalset.prompts[:n]
-            )
-            tracker.log_image("samples", run_dir / "samples.png", caption="dense (top) vs pruned (bottom)")
+            grid = run_dir / "samples.png"
+            picture = image_grid({"dense": dense[:n], "pruned": pruned[:n]}, evalset.prompts[:n])
+            atomic_write(grid, lambda tmp: picture.save(tmp, format="PNG"))
+            tracker.log_image("samples", grid, caption="dense (top) vs pruned (bottom)")
+            log.info("evaluated: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                              if k.startswith("eval/") and isinstance(v, float)))  # fmt: skip
         _write_metrics(run_dir, metrics)  # 6. log
+        faults.reached("log")
         tracker.log_metrics(metrics)
         tracker.log_table("layers", LAYER_COLUMNS, records)
-    log.info("metrics: %s", json.dumps(metrics, indent=1))
+        if cfg.save_model and cfg.artifact is None:  # the card gets the evaluated numbers first:
+            write_model_card(run_dir / "pruned", metrics)  # W&B logs the files in place
+            tracker.log_artifact(run_dir / "pruned", read_manifest(run_dir / "pruned"))
+    log.debug("metrics: %s", json.dumps(metrics, indent=1))
     return metrics
 
 
 def _prune(
-    cfg: DictConfig, spec: RunSpec, adapter: ModelAdapter, pipe: Any, calib: Any, run_dir: Path, metrics: dict
+    cfg: DictConfig,
+    spec: RunSpec,
+    adapter: ModelAdapter,
+    pipe: Any,
+    calib: Any,
+    run_dir: Path,
+    metrics: dict,
+    checkpoints: PackageCheckpoints,
 ) -> list:
     """Prune with the spec's strategy, record the metrics, save; return the layer rows."""
     denoiser, pattern = adapter.denoiser(pipe), spec.pattern()
     strategy = _strategy(spec, pattern)
     names = _target_names(adapter, denoiser, spec)
     numel_before = sum(denoiser.get_submodule(n).weight.numel() for n in names)
-    append = lambda rows: _append_layers(run_dir / "layers.csv", rows)  # noqa: E731
+    done: list[LayerRecord] = []
+
+    def write_layers(rows: list[LayerRecord]) -> None:  # the whole file, every layer once
+        done.extend(rows)
+        _write_layers(run_dir / "layers.csv", done)
+
     start, extra = time.perf_counter(), {}
-    records = prune_groupwise(adapter, pipe, calib, strategy, spec.num_packages, on_package_done=append)
+    records = prune_groupwise(
+        adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     if spec.structured:
         extra["structure"] = {"architecture": adapter.architecture(denoiser), "removed": strategy.removed}
@@ -106,7 +201,9 @@ def _prune(
     }
     _write_metrics(run_dir, metrics)
     if cfg.save_model:
-        save_pruned(run_dir / "pruned", denoiser, cfg, extra={**extra, "metrics": dict(metrics)})
+        saved = save_pruned(run_dir / "pruned", denoiser, cfg, extra={**extra, "metrics": dict(metrics)})
+        log.info("pruned model saved to %s", saved)
+        faults.reached("save")
     return [list(dataclasses.astuple(r)) for r in records]
 
 
@@ -164,14 +261,18 @@ def _cost_metrics(dense: dict, pruned: dict, denoiser: torch.nn.Module) -> dict:
     }
 
 
-def _append_layers(path: Path, rows: list[LayerRecord]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(LAYER_COLUMNS)
-        writer.writerows(dataclasses.astuple(r) for r in rows)
+def _write_layers(path: Path, rows: list[LayerRecord]) -> None:
+    """Write ``layers.csv`` afresh (atomically): the header and one row per layer pruned so far."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(LAYER_COLUMNS)
+    writer.writerows(dataclasses.astuple(r) for r in rows)
+    write_text(path, text.getvalue())
 
 
 def _write_metrics(run_dir: Path, metrics: dict) -> None:
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    """Write ``metrics.json`` (atomically); a NaN or Inf metric stops the run first, naming it."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"metrics {', '.join(bad)} are NaN or Inf; metrics.json was not written")
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))

@@ -1,4 +1,4 @@
-"""Timestep weighting schedules (METHOD.md §2) and the step tracker that indexes them."""
+"""Timestep weighting schedules (docs/METHOD.md §2) and the step tracker that indexes them."""
 
 from __future__ import annotations
 

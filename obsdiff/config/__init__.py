@@ -4,9 +4,11 @@
 the CLI refuses a bad value in well under a second. :func:`validate` adds the model-dependent
 checks (``obsdiff.config.resolve``), which read the model's config through its adapter.
 
-- ``schema``: the dataclasses Hydra type-checks every YAML against (``register_configs``);
+- ``schema``: the dataclasses Hydra type-checks every YAML against (``register_configs``); the
+  calibration and eval sampler fields default to the model's (``model.sampler``);
 - ``validate``: one check per group, :class:`ConfigError` naming the field, value and what is allowed;
-- ``resolve``: the checks against the model, resolved once into the typed :class:`RunSpec`.
+- ``resolve``: the checks against the model (blocks, widths, heads, resolutions), resolved once into
+  the typed :class:`RunSpec`.
 """
 
 from __future__ import annotations

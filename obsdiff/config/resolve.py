@@ -1,9 +1,9 @@
 """The run spec: the config resolved once, against the model's config, into what every stage needs.
 
 ``resolve(cfg)`` reads the denoiser's ``config.json`` once (no weights, no torch), asks the family
-adapter for every model-dependent answer (block range, targets and their widths, head counts) and
-refuses what cannot run, naming the field. Prune, save, cost and report receive the spec instead
-of re-deriving these from the raw config.
+adapter for every model-dependent answer (block range, targets and their widths, head counts, the
+resolutions its sampler takes) and refuses what cannot run, naming the field. Prune, save, cost and
+report receive the spec instead of re-deriving these from the raw config.
 """
 
 from __future__ import annotations
@@ -99,12 +99,29 @@ def effective_update(pruner: DictConfig) -> str:
     return pruner["update"] if pruner.compensate else "none"
 
 
+def check_resolutions(cfg: DictConfig, grid: tuple[int, int | None]) -> None:
+    """Every sampler resolution (``model.sampler``, ``calibration``, ``eval``) on the model's grid:
+    ``(step, largest)`` from ``ModelAdapter.resolution_grid`` (VAE factor × patch size; the
+    position embedding's reach)."""
+    step, largest = grid
+    groups = ["model.sampler", "calibration"] + (["eval"] if cfg.eval.kind != "none" else [])
+    for group in groups:
+        resolution = OmegaConf.select(cfg, f"{group}.resolution")
+        if resolution % step or (largest is not None and resolution > largest):
+            reach = f" up to {largest} (the position embedding's reach)" if largest else ""
+            raise ConfigError(
+                f"{group}.resolution={resolution} is invalid; allowed for model.name={cfg.model.name!r}: "
+                f"a multiple of {step} (VAE factor x latent patch){reach}"
+            )
+
+
 def _resolve(cfg: DictConfig) -> RunSpec:
     from obsdiff.models import get_adapter
 
     model = cfg.model
     adapter = get_adapter(model.family, OmegaConf.to_container(model.options, resolve=True))
     config = adapter.denoiser_config(model)
+    check_resolutions(cfg, adapter.resolution_grid(model, config))
     sp, pr = cfg.sparsity, cfg.pruner
     structured = sp.kind == "structured"
     blocks = parse_blocks(pr.blocks, adapter.num_blocks(config))

@@ -10,6 +10,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import II, MISSING
+
+
+@dataclass
+class SamplerRunConfig:
+    """How many prompts one use of the sampler (calibration or eval) takes by default, and how."""
+
+    num_prompts: int = MISSING
+    num_steps: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class SamplerConfig:
+    """A model's sampler defaults: every prompt source of ``calibration`` and ``eval`` takes them
+    (``${model.sampler...}``) unless the run sets its own. Each ``conf/model/*.yaml`` declares them."""
+
+    resolution: int = MISSING  # pixels per side; the model's grid: see ModelAdapter.resolution_grid
+    guidance_scale: float = MISSING
+    calibration: SamplerRunConfig = field(default_factory=SamplerRunConfig)
+    eval: SamplerRunConfig = field(default_factory=SamplerRunConfig)
+
 
 @dataclass
 class ModelConfig:
@@ -20,6 +42,10 @@ class ModelConfig:
     device: str = "auto"
     # family-specific model options, checked by the family's adapter (SD3: text_encoder_3, ...)
     options: dict[str, Any] = field(default_factory=dict)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # What the weights were trained on: general (any text), digits (the digit captions only: the
+    # digits prompts and prompt judge fit it), random (untrained test models: any prompt is plumbing).
+    prompt_domain: str = MISSING
 
 
 @dataclass
@@ -29,11 +55,12 @@ class PromptsConfig:
     column: str | None = None
     dataset: str | None = None
     split: str = "train"
-    num_prompts: int = 16
-    num_steps: int = 10
-    guidance_scale: float = 7.0
-    resolution: int = 32
-    batch_size: int = 8
+    # The sampler settings: the model's (model.sampler) whatever the source, unless set.
+    num_prompts: int = II("model.sampler.calibration.num_prompts")
+    num_steps: int = II("model.sampler.calibration.num_steps")
+    guidance_scale: float = II("model.sampler.guidance_scale")
+    resolution: int = II("model.sampler.resolution")
+    batch_size: int = II("model.sampler.calibration.batch_size")
     seed: int = 0
 
 
@@ -86,7 +113,9 @@ class PrunerConfig:
 class EvalConfig(PromptsConfig):
     kind: str = "tiny"  # tiny | coco | none
     seed: int = 1000
-    num_prompts: int = 32
+    num_prompts: int = II("model.sampler.eval.num_prompts")
+    num_steps: int = II("model.sampler.eval.num_steps")
+    batch_size: int = II("model.sampler.eval.batch_size")
     skip_prompts: int = 0  # skip the first N prompts of the source (e.g. the calibration ones)
     feature_net: str = "efficientnet_lite0"
     feature_weights: str | None = None
@@ -105,6 +134,7 @@ class LoggerConfig:
     entity: str | None = None
     mode: str = "offline"  # offline | online | disabled
     name: str | None = None
+    group: str | None = None  # the W&B run group; null: the sweep folder in a multirun, else none
     tags: list[str] = field(default_factory=list)
 
 
@@ -124,6 +154,13 @@ class RunConfig:
     # anything that moves a mask or a metric. false = strict IEEE arithmetic.
     flush_denormal: bool = True
     cache_dir: str = "${oc.env:OBSDIFF_CACHE,${oc.env:HOME,.}/.cache/obsdiff}"
+    # A rerun in a used run dir continues after its last finished package (same config only);
+    # false = start clean, deleting the dir's earlier outputs.
+    resume: bool = True
+    # -m: skip a job whose run dir already holds a finished run of the same config.
+    skip_done: bool = True
+    # The metric the task function returns (Hydra sweepers, e.g. Optuna, minimise/maximise it).
+    optimized_metric: str | None = None
 
 
 def register_schema() -> None:

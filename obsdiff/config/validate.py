@@ -2,22 +2,24 @@
 
 One function per config group; :func:`check_fields` runs them all. Registered names (schedules,
 mask methods, feature nets, …) come from the registries themselves, which answer without importing
-torch. Every failure raises :class:`ConfigError` naming the field, its value and what is allowed.
-The checks that need the model's config (block range, layer widths, head counts) are in
-``obsdiff.config.resolve``.
+torch. Every failure raises :class:`ConfigError` naming the field, its value and what is allowed;
+every float must be finite. The checks that need the model's config (block range, layer widths,
+head counts, the resolutions it takes) are in ``obsdiff.config.resolve``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from obsdiff.calibration.prompts import PromptSourceError, check_prompt_source
+from obsdiff.calibration.prompts import PROMPT_SOURCES, PromptSourceError, check_prompt_source
 from obsdiff.calibration.timesteps import SCHEDULES
 from obsdiff.evaluation import FEATURE_NETS, PROMPT_JUDGES, REAL_IMAGES
 from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, STRUCTURED_METHODS, UPDATES
@@ -28,6 +30,17 @@ SPARSITY_KINDS = ("unstructured", "nm", "structured")
 EVAL_KINDS = ("tiny", "coco", "none")
 LOGGER_KINDS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
+# model.prompt_domain: what the weights were trained on (``random``: untrained test models).
+PROMPT_DOMAINS = ("general", "digits", "random")
+# Prompt sources, judges and real image sets made for the tiny digits model's captions and images.
+DIGITS_ONLY = {
+    "source": ("digits",),
+    "prompt_judge": ("digits_classifier",),
+    "real_images": ("digits_heldout",),
+}
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+NAMES = re.compile(r"[A-Za-z0-9._-]+")  # model.name and pruner.name name run folders and caches
+METRIC_GROUPS = ("prune", "model", "dense", "eval")  # the prefixes of run()'s metric names
 BLOCKS_ALLOWED = (
     'null, a non-empty list of distinct block indices >= 0, or "start:stop" (negative from the end)'
 )
@@ -60,9 +73,25 @@ def _int_at_least(fld: str, value: Any, low: int) -> None:
         fail(fld, value, f"an integer >= {low}")
 
 
+def _number_at_least(fld: str, value: Any, low: float, hint: str = "") -> None:
+    if not (_finite(value) and value >= low):
+        fail(fld, value, f"a finite number >= {low:g}{hint}")
+
+
 def _fraction(fld: str, value: Any) -> None:
     if not (_finite(value) and 0 <= value < 1):
         fail(fld, value, "a fraction in [0, 1)")
+
+
+def _name(fld: str, value: Any) -> None:
+    if not (isinstance(value, str) and NAMES.fullmatch(value)):
+        fail(fld, value, "a non-empty name of letters, digits, '.', '_' and '-' (it names run folders)")
+
+
+def _text(fld: str, value: Any, allowed: str, nullable: bool = False) -> None:
+    """A non-empty string (or null when ``nullable``)."""
+    if not (value is None and nullable or isinstance(value, str) and value.strip()):
+        fail(fld, value, ("null or " if nullable else "") + allowed)
 
 
 def _one_of(fld: str, value: Any, names: Iterable[str], suffix: str = "", nullable: bool = False) -> None:
@@ -117,37 +146,74 @@ def check_blocks(blocks: Any) -> None:
         fail("pruner.blocks", _plain(blocks), f"distinct block indices (repeated: {duplicates})")
 
 
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys holding ``???``, found without resolving interpolations (one to a ``???`` would raise)."""
+    found = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            found += _missing_keys(node[key], f"{prefix}{key}.")
+    return found
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """No ``???`` left: a model yaml without ``sampler`` or ``prompt_domain`` is named here."""
+    missing = _missing_keys(cfg)
+    if missing:
+        where = " (every conf/model/*.yaml declares it)" if missing[0].startswith("model.") else ""
+        fail(missing[0], "???", f"a value{where}")
+
+
+def check_model(model: DictConfig) -> None:
+    """``model``: names, dtype, device, prompt domain and the sampler defaults (options: the adapter)."""
+    _name("model.name", model.name)
+    _text("model.path", model.path, "a hub id, a local diffusers folder or an embedded model's name")
+    _one_of("model.torch_dtype", model.torch_dtype, TORCH_DTYPES)
+    if not (isinstance(model.device, str) and DEVICES.fullmatch(model.device)):
+        fail("model.device", model.device, "auto, cpu, mps, cuda or cuda:<index>")
+    _one_of("model.prompt_domain", model.prompt_domain, PROMPT_DOMAINS)
+    sampler = model.sampler
+    _int_at_least("model.sampler.resolution", sampler.resolution, 1)
+    _number_at_least("model.sampler.guidance_scale", sampler.guidance_scale, 0, " (> 1 turns on CFG)")
+    for use in ("calibration", "eval"):
+        for key in ("num_prompts", "num_steps", "batch_size"):
+            _int_at_least(f"model.sampler.{use}.{key}", sampler[use][key], 1)
+
+
 def check_sparsity(cfg: DictConfig) -> None:
-    """``sparsity``: the ratios, N:M, and ``pruner.block_size`` as a multiple of M."""
+    """``sparsity``: ratios, N:M, the kind-specific fields, ``pruner.block_size`` as a multiple of M."""
     sp = cfg.sparsity
     _one_of("sparsity.kind", sp.kind, SPARSITY_KINDS)
-    if sp.kind == "unstructured":
-        _fraction("sparsity.ratio", sp.ratio)
-    elif sp.kind == "nm":
+    _fraction("sparsity.ratio", sp.ratio)
+    if sp.kind == "nm":
         if sp.n <= 0 or sp.m <= 0 or sp.n >= sp.m:
             fail("sparsity.n/sparsity.m", f"{sp.n}:{sp.m}", "positive integers with N < M (e.g. 2:4, 4:8)")
         if cfg.pruner.block_size % sp.m:
             fail("pruner.block_size", cfg.pruner.block_size, f"a multiple of sparsity.m={sp.m}")
-    else:
-        for key in ("ratio", "head_ratio", "ffn_ratio"):
-            if sp[key] is not None:
-                _fraction(f"sparsity.{key}", sp[key])
+    if sp.exact_count and sp.kind != "unstructured":
+        fail("sparsity.exact_count", sp.exact_count, f"false for sparsity.kind={sp.kind} (unstructured only)")
+    for key in ("head_ratio", "ffn_ratio"):
+        if sp[key] is not None:
+            if sp.kind != "structured":
+                fail(f"sparsity.{key}", sp[key], f"null for sparsity.kind={sp.kind} (structured only)")
+            _fraction(f"sparsity.{key}", sp[key])
 
 
 def check_schedule(sch: DictConfig) -> None:
     """``schedule``: a registered weighting and finite ``0 < alpha_min <= alpha_max``."""
     _one_of("schedule.name", sch.name, SCHEDULES.names())
-    if not (_finite(sch.alpha_min) and _finite(sch.alpha_max) and 0 < sch.alpha_min <= sch.alpha_max):
-        fail(
-            "schedule.alpha_min/alpha_max",
-            f"{sch.alpha_min}/{sch.alpha_max}",
-            "finite numbers with 0 < alpha_min <= alpha_max",
-        )
+    for key in ("alpha_min", "alpha_max"):
+        if not (_finite(sch[key]) and sch[key] > 0):
+            fail(f"schedule.{key}", sch[key], "a finite number > 0")
+    if sch.alpha_min > sch.alpha_max:
+        fail("schedule.alpha_min/alpha_max", f"{sch.alpha_min}/{sch.alpha_max}", "alpha_min <= alpha_max")
 
 
 def check_pruner(cfg: DictConfig) -> None:
     """``pruner``: mask and update names, numbers, blocks, targets and the compensate ablation."""
     pr, kind = cfg.pruner, cfg.sparsity.kind
+    _name("pruner.name", pr.name)
     methods = STRUCTURED_METHODS if kind == "structured" else MASK_METHODS
     _one_of("pruner.mask", pr.mask, methods, f" (for sparsity={kind})")
     _one_of("pruner.update", pr["update"], UPDATES)  # pr.update is DictConfig.update, the method
@@ -171,25 +237,47 @@ def check_dsnot(ds: DictConfig) -> None:
     """``pruner.dsnot``: the start mask, a cycle count >= 0 and finite thresholds and powers."""
     _one_of("pruner.dsnot.init", ds.init, DSNOT_INITS)
     _int_at_least("pruner.dsnot.max_cycles", ds.max_cycles, 0)
-    if not (_finite(ds.update_threshold) and ds.update_threshold >= 0):
-        fail("pruner.dsnot.update_threshold", ds.update_threshold, "a finite number >= 0")
+    _number_at_least("pruner.dsnot.update_threshold", ds.update_threshold, 0)
     for key in ("pow_of_var_regrowing", "pow_of_var_pruning"):
         if not _finite(ds[key]):
             fail(f"pruner.dsnot.{key}", ds[key], "a finite number")
 
 
+def _fits_domain(cfg: DictConfig, fld: str, value: Any) -> None:
+    """The digits prompts, judge and images only with a model that is not a general one."""
+    key = fld.split(".")[1]
+    if value not in DIGITS_ONLY[key] or cfg.model.prompt_domain != "general":
+        return
+    others = [n for n in PROMPT_SOURCES.names() if n not in DIGITS_ONLY["source"]]
+    instead = {
+        "source": f"another prompt source ({', '.join(others)})",
+        "prompt_judge": "null",
+        "real_images": "null (eval.reference_dir: a folder of real images)",
+    }[key]
+    fail(
+        fld,
+        value,
+        f"{instead} for model.name={cfg.model.name!r} (model.prompt_domain=general): "
+        f"{value!r} fits the tiny digits model only",
+    )
+
+
 def check_prompts(cfg: DictConfig, group: str) -> None:
-    """``calibration`` / ``eval``: sampler numbers, and the prompt source (read if local, no download)."""
+    """``calibration`` / ``eval``: sampler numbers, seed, and the prompt source (read if local, no
+    download), which must fit the model's prompt domain."""
     c = cfg[group]
     if group == "eval" and c.kind == "none":
         return
+    _fits_domain(cfg, f"{group}.source", c.source)
     for key in ("num_steps", "batch_size", "resolution"):
         _int_at_least(f"{group}.{key}", c[key], 1)
-    if not (_finite(c.guidance_scale) and c.guidance_scale >= 0):
-        fail(f"{group}.guidance_scale", c.guidance_scale, "a finite number >= 0 (> 1 turns on CFG)")
+    _number_at_least(f"{group}.guidance_scale", c.guidance_scale, 0, " (> 1 turns on CFG)")
+    _int_at_least(f"{group}.seed", c.seed, 0)
     if group == "eval":
         _int_at_least("eval.skip_prompts", c.skip_prompts, 0)
         _int_at_least("eval.num_grid", c.num_grid, 1)
+    if not _is_int(c.num_prompts):
+        fail(f"{group}.num_prompts", c.num_prompts, "an integer >= 1")
     num = c.num_prompts + c.get("skip_prompts", 0)
     try:
         check_prompt_source(c.source, num, c.path, c.column, c.dataset, c.split, group=group)
@@ -197,41 +285,91 @@ def check_prompts(cfg: DictConfig, group: str) -> None:
         raise ConfigError(str(err)) from err
 
 
-def check_eval(ecfg: DictConfig) -> None:
-    """``eval``: its kind, reference images, prompt judge and FID feature net."""
+def check_eval(cfg: DictConfig) -> None:
+    """``eval``: its kind, references (real images or a dense-model seed range apart from the eval
+    seeds), prompt judge, FID feature net and CLIP model."""
+    ecfg = cfg.eval
     _one_of("eval.kind", ecfg.kind, EVAL_KINDS)
     if ecfg.kind == "none":
         return
+    if ecfg.reference_dir is not None and ecfg.real_images is not None:
+        fail(
+            "eval.reference_dir", ecfg.reference_dir, "null when eval.real_images is set (one reference set)"
+        )
     if ecfg.reference_dir is not None and not Path(ecfg.reference_dir).is_dir():
         fail("eval.reference_dir", ecfg.reference_dir, "an existing folder of reference images")
     if ecfg.real_images is not None:
         _one_of("eval.real_images", ecfg.real_images, REAL_IMAGES.names(), nullable=True)
+        _fits_domain(cfg, "eval.real_images", ecfg.real_images)
     if ecfg.reference_dir is None and ecfg.real_images is None and ecfg.reference_seed is None:
         fail("eval.reference_seed", None, "a seed when eval has no real images (reference_dir, real_images)")
+    if ecfg.reference_seed is not None:
+        _int_at_least("eval.reference_seed", ecfg.reference_seed, 0)
+        seed, num = ecfg.seed, ecfg.num_prompts  # the eval images' seeds: seed .. seed + num - 1
+        if abs(ecfg.reference_seed - seed) < num:
+            fail(
+                "eval.reference_seed",
+                ecfg.reference_seed,
+                f">= {seed + num} or <= {seed - num}, apart from the eval seeds (eval.seed={seed}, {num})",
+            )
     if ecfg.prompt_judge is not None:
         _one_of("eval.prompt_judge", ecfg.prompt_judge, PROMPT_JUDGES.names(), nullable=True)
+        _fits_domain(cfg, "eval.prompt_judge", ecfg.prompt_judge)
         if ecfg.source != "digits":
             fail("eval.prompt_judge", ecfg.prompt_judge, "null unless eval.source=digits")
     _one_of("eval.feature_net", ecfg.feature_net, FEATURE_NETS.names())
     if ecfg.feature_net == "inception_v3" and not _installed("torch_fidelity"):
         fail("eval.feature_net", ecfg.feature_net, 'efficientnet_lite0; or pip install "obsdiff[coco]"')
+    if ecfg.feature_weights is not None and not Path(ecfg.feature_weights).is_file():
+        fail("eval.feature_weights", ecfg.feature_weights, "null (packaged weights) or an existing file")
+    _text("eval.clip_model", ecfg.clip_model, "tiny, a CLIP hub id or a local folder", nullable=True)
+
+
+def check_logger(lg: DictConfig) -> None:
+    """``logger``: kind, mode, names and distinct, non-empty tags."""
+    _one_of("logger.kind", lg.kind, LOGGER_KINDS)
+    _one_of("logger.mode", lg.mode, LOGGER_MODES)
+    _text("logger.project", lg.project, "a W&B project name")
+    _text("logger.entity", lg.entity, "a W&B entity (user or team)", nullable=True)
+    _text("logger.name", lg.name, "a run name (null: W&B picks one)", nullable=True)
+    _text("logger.group", lg.group, "a run group (null: the sweep folder in a multirun)", nullable=True)
+    tags = list(lg.tags)
+    if not all(isinstance(t, str) and 0 < len(t.strip()) <= 64 for t in tags) or len(set(tags)) < len(tags):
+        fail("logger.tags", tags, "distinct, non-empty tags of at most 64 characters")
 
 
 def check_run(cfg: DictConfig) -> None:
-    """Top-level fields, ``model.torch_dtype`` and ``logger``."""
-    if cfg.artifact is not None and not (Path(cfg.artifact) / "manifest.json").is_file():
-        fail("artifact", cfg.artifact, "a run's pruned/ folder (with manifest.json)")
-    _one_of("model.torch_dtype", cfg.model.torch_dtype, TORCH_DTYPES)
-    _one_of("logger.kind", cfg.logger.kind, LOGGER_KINDS)
-    _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    """Top-level fields: the artifact to evaluate, the cache folder and the optimized metric."""
+    if cfg.artifact is not None:
+        manifest = Path(cfg.artifact) / "manifest.json"
+        if not manifest.is_file():
+            fail("artifact", cfg.artifact, "a run's pruned/ folder (with manifest.json)")
+        family = json.loads(manifest.read_text()).get("model", {}).get("family")
+        if family != cfg.model.family:
+            fail(
+                "artifact", cfg.artifact, f"an artifact of model.family={cfg.model.family!r}, not {family!r}"
+            )
+    _text("cache_dir", cfg.cache_dir, "a folder for dense results and reference statistics")
+    if Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+        fail("cache_dir", cfg.cache_dir, "a folder (this is a file)")
+    metric = cfg.optimized_metric
+    if metric is not None:
+        group, _, name = metric.partition("/") if isinstance(metric, str) else ("", "", "")
+        if group not in METRIC_GROUPS or not name:
+            fail("optimized_metric", metric, f"null or <group>/<name>, group: {', '.join(METRIC_GROUPS)}")
+        if group in ("dense", "eval") and cfg.eval.kind == "none":
+            fail("optimized_metric", metric, "a prune/ or model/ metric when eval=none (no eval metrics)")
 
 
 def check_fields(cfg: DictConfig) -> None:
     """Check every field that needs no model (no torch import); raise ``ConfigError`` on the first bad one."""
+    check_missing(cfg)
+    check_model(cfg.model)
     check_sparsity(cfg)
     check_schedule(cfg.schedule)
     check_pruner(cfg)
     check_run(cfg)
+    check_logger(cfg.logger)
     check_prompts(cfg, "calibration")
     check_prompts(cfg, "eval")
-    check_eval(cfg.eval)
+    check_eval(cfg)

@@ -18,10 +18,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from obsdiff import faults
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.evaluation import PROMPT_JUDGES, REAL_IMAGES  # registries with torch-free names, lazy entries
+from obsdiff.evaluation.cache import load_or_build
 from obsdiff.evaluation.clip import clip_score, load_clip, tiny_clip
 from obsdiff.evaluation.fid import FidReference, get_feature_net, image_features
+from obsdiff.fileio import atomic_write, write_json
 from obsdiff.models.base import ModelAdapter, slice_embeds
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -207,13 +210,20 @@ def real_reference(
         "versions": library_versions(),
     }
     path = Path(cache_dir) / "fid_reference" / f"{config_hash(OmegaConf.create(what))}.safetensors"
-    if path.exists():
+
+    def load() -> FidReference | None:
+        if not path.exists():
+            return None
         stats = load_file(str(path))
         return FidReference(stats["mean"], stats["cov"])
-    reference = FidReference.from_images(load_real_images(ecfg, count), feature_net)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"mean": reference.mean, "cov": reference.cov}, str(path))
-    return reference
+
+    def build() -> FidReference:
+        reference = FidReference.from_images(load_real_images(ecfg, count), feature_net)
+        stats = {"mean": reference.mean, "cov": reference.cov}
+        atomic_write(path, lambda tmp: save_file(stats, str(tmp)))
+        return reference
+
+    return load_or_build(path, load, build, "real-image FID statistics")
 
 
 def dense_baseline(
@@ -235,21 +245,31 @@ def dense_baseline(
         )
     )
     cache = Path(cfg.cache_dir) / "dense" / f"{cfg.model.name}-{key}"
-    if (cache / "metrics.json").exists():
+
+    def load() -> tuple[torch.Tensor, dict[str, float]] | None:
+        if not (cache / "metrics.json").exists():  # written last: it marks a complete entry
+            return None
         tensors = load_file(str(cache / "images.safetensors"))
+        metrics = json.loads((cache / "metrics.json").read_text())
+        if tensors["dense"].shape[0] != len(evalset.prompts):
+            raise ValueError(f"{tensors['dense'].shape[0]} images for {len(evalset.prompts)} prompts")
         dense_ref = FidReference(tensors["ref_mean"], tensors["ref_cov"]) if "ref_mean" in tensors else None
         scorer.set_references(real, dense_ref)
-        return tensors["dense"], json.loads((cache / "metrics.json").read_text())
-    dense = generate(adapter, pipe, evalset, ecfg, evalset.seeds, desc="dense images")
-    tensors, dense_ref = {"dense": dense.contiguous()}, None
-    if ecfg.reference_seed is not None:
-        ref_seeds = [ecfg.reference_seed + i for i in range(len(evalset.prompts))]
-        reference = generate(adapter, pipe, evalset, ecfg, ref_seeds, desc="reference images")
-        dense_ref = FidReference.from_images(reference, scorer.feature_net)
-        tensors |= {"ref_mean": dense_ref.mean, "ref_cov": dense_ref.cov}
-    scorer.set_references(real, dense_ref)
-    metrics = scorer.score(dense, evalset.prompts)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(cache / "images.safetensors"))
-    (cache / "metrics.json").write_text(json.dumps(metrics))
-    return dense, metrics
+        return tensors["dense"], metrics
+
+    def build() -> tuple[torch.Tensor, dict[str, float]]:
+        dense = generate(adapter, pipe, evalset, ecfg, evalset.seeds, desc="dense images")
+        tensors, dense_ref = {"dense": dense.contiguous()}, None
+        if ecfg.reference_seed is not None:
+            ref_seeds = [ecfg.reference_seed + i for i in range(len(evalset.prompts))]
+            reference = generate(adapter, pipe, evalset, ecfg, ref_seeds, desc="reference images")
+            dense_ref = FidReference.from_images(reference, scorer.feature_net)
+            tensors |= {"ref_mean": dense_ref.mean, "ref_cov": dense_ref.cov}
+        scorer.set_references(real, dense_ref)
+        metrics = scorer.score(dense, evalset.prompts)
+        atomic_write(cache / "images.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        faults.reached("dense_cache")
+        write_json(cache / "metrics.json", metrics)
+        return dense, metrics
+
+    return load_or_build(cache, load, build, "dense images and metrics")

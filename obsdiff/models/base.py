@@ -69,6 +69,7 @@ class ModelAdapter:
     # hub models (so that experiments are checked offline before any download).
     embedded: Mapping[str, Path] = {}
     known_configs: Mapping[str, str] = {}
+    latent_packing = 1  # latent cells per side in one token beyond ``patch_size`` (Flux: 2x2 packing)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -113,6 +114,33 @@ class ModelAdapter:
             return json.loads(Path(hf_hub_download(location, filename)).read_text())
         except Exception as err:  # offline, unknown repo, gated repo: one message with the fix
             raise not_available(str(model_cfg.path), err) from err
+
+    def vae_scale_factor(self, model_cfg: Any) -> int:
+        """Pixels per latent cell (the pipeline's ``vae_scale_factor``) without loading the VAE: from
+        ``vae/config.json`` in the model's folder or the hub cache, else the factor the family lists
+        for ``model.path`` (``random_shapes``), else 8 (the VAE of every SD3 and Flux.1 model)."""
+        location = self.weights_location(model_cfg)
+        file: Path | None = Path(location) / "vae" / "config.json"
+        if not Path(location).is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(location, "vae/config.json")
+            except ValueError:  # not a hub id either: the listed factor or 8
+                cached = None
+            file = Path(cached) if isinstance(cached, str) else None
+        if file is not None and file.is_file():
+            return 2 ** (len(json.loads(file.read_text())["block_out_channels"]) - 1)
+        listed = {path: scale for path, scale, _ in getattr(self, "random_shapes", {}).values()}
+        return listed.get(str(model_cfg.path), 8)
+
+    def resolution_grid(self, model_cfg: Any, config: Mapping) -> tuple[int, int | None]:
+        """``(step, largest)``: the sampler takes resolutions that are multiples of ``step`` (VAE factor
+        × patch size × latent packing) up to ``largest`` (a learned position embedding's reach,
+        ``pos_embed_max_size`` patches; ``None``: no limit)."""
+        step = self.vae_scale_factor(model_cfg) * config.get("patch_size", 1) * self.latent_packing
+        reach = config.get("pos_embed_max_size")
+        return step, (reach * step if reach else None)
 
     def num_blocks(self, config: Mapping) -> int:
         """Transformer blocks in forward order (the index space of ``pruner.blocks``)."""
@@ -229,7 +257,7 @@ class ModelAdapter:
         """
         raise NotImplementedError
 
-    # -- structured pruning (METHOD.md §4) -------------------------------------------------------
+    # -- structured pruning (docs/METHOD.md §4) -------------------------------------------------------
 
     def structure_units(self, denoiser: nn.Module, blocks: Sequence[int]) -> list[StructureUnit]:
         """Head and neuron groups of ``blocks``, one unit per package entry, in forward order."""
@@ -301,7 +329,7 @@ def not_available(path: str, err: Exception) -> ModelNotAvailableError:
     mode = "offline (HF_HUB_OFFLINE=1)" if offline() else "online"
     return ModelNotAvailableError(
         f"model.path={path!r}: weights not found ({mode}): {err}. Point model.path at a local "
-        f"diffusers folder, or download it first (`huggingface-cli download {path}`) on a machine "
+        f"diffusers folder, or download it first (`hf download {path}`) on a machine "
         "with internet access and a Hugging Face token that has accepted the model licence."
     )
 

@@ -81,6 +81,7 @@ class FluxAdapter(ModelAdapter):
     denoiser_class = "FluxTransformer2DModel"
     default_targets = DOUBLE_TARGETS + SINGLE_TARGETS
     default_options = {"max_sequence_length": 512, "true_cfg_scale": 1.0}
+    latent_packing = 2  # the pipeline packs 2x2 latent cells into one token
     embedded = {"tiny_digits_flux": Path(__file__).with_name("tiny_digits_flux")}
     known_configs = {
         "black-forest-labs/FLUX.1-dev": "flux_dev.json",
@@ -147,7 +148,7 @@ class FluxAdapter(ModelAdapter):
             from diffusers import FluxPipeline
 
             try:
-                pipe = FluxPipeline.from_pretrained(self.weights_location(model_cfg), torch_dtype=dtype)
+                pipe = FluxPipeline.from_pretrained(self.weights_location(model_cfg), dtype=dtype)
             except OSError as err:
                 raise not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)

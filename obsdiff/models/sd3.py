@@ -23,7 +23,7 @@ from obsdiff.models.structure import HeadGroup, NeuronGroup, StructureUnit, slic
 
 TINY_CONFIG = Path(__file__).with_name("tiny_sd3.json")
 
-# METHOD.md §5: every linear layer of attention and FFN in a joint transformer block.
+# docs/METHOD.md §5: every linear layer of attention and FFN in a joint transformer block.
 SD3_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
@@ -34,7 +34,7 @@ SD3_TARGETS = (
 # SD3.5-Medium's dual-attention blocks add an image-only self-attention.
 DUAL_ATTENTION_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 
-# METHOD.md §3: basic units of an MMDiT block, each a list of input groups.
+# docs/METHOD.md §3: basic units of an MMDiT block, each a list of input groups.
 SD3_UNITS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
     (("attn2.to_q", "attn2.to_k", "attn2.to_v"),),
@@ -44,7 +44,7 @@ SD3_UNITS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("ff.net.2",), ("ff_context.net.2",)),
 )
 FFN_DOWN = ("ff.net.2", "ff_context.net.2")
-# METHOD.md §4: heads are scored on both output projections; Q/K/V rows follow without compensation.
+# docs/METHOD.md §4: heads are scored on both output projections; Q/K/V rows follow without compensation.
 HEAD_INPUTS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
@@ -117,7 +117,7 @@ class SD3Adapter(ModelAdapter):
         else:
             from diffusers import StableDiffusion3Pipeline
 
-            kwargs: dict[str, Any] = {"torch_dtype": dtype}
+            kwargs: dict[str, Any] = {"dtype": dtype}
             if self.options["text_encoder_3"] is None:
                 kwargs.update(text_encoder_3=None, tokenizer_3=None)
             try:

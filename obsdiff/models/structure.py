@@ -1,4 +1,4 @@
-"""Structure groups: what one structured removal takes out of a block (METHOD.md §4).
+"""Structure groups: what one structured removal takes out of a block (docs/METHOD.md §4).
 
 A group names the layers it touches and the *column range* of the OBS layer(s) it removes from,
 so one output projection can hold several groups: Flux's single-stream ``proj_out`` reads

@@ -49,6 +49,17 @@ class LayerwiseStrategy:
     def after_package(self, adapter: ModelAdapter, denoiser: nn.Module, package: list[Unit]) -> None:
         """Nothing to reshape: pruned weights are zeros in place."""
 
+    def modules(self, unit: Unit) -> list[str]:
+        """The layers whose weights pruning ``unit`` changes."""
+        return [name for group in unit for name in group]
+
+    def package_state(self, package: list[Unit]) -> dict:
+        """Nothing beyond the weights is needed to resume after a package."""
+        return {}
+
+    def restore(self, adapter: ModelAdapter, denoiser: nn.Module, package: list[Unit], state: dict) -> None:
+        """Nothing to reshape before a finished package's weights are loaded."""
+
     def _prune_layer(
         self, denoiser: nn.Module, name: str, acc: HessianAccumulator, package: int
     ) -> LayerRecord:

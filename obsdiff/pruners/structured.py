@@ -1,4 +1,4 @@
-"""Structured strategy: remove attention heads and FFN neurons, then slice them out (METHOD.md §4).
+"""Structured strategy: remove attention heads and FFN neurons, then slice them out (docs/METHOD.md §4).
 
 A structured unit holds structure groups (``obsdiff.models.structure``); each group's OBS layers
 get their own timestep-weighted Hessian. Groups of one unit may share a layer (Flux's single-stream
@@ -176,3 +176,21 @@ class StructuredStrategy:
         if self.physical:
             for unit in package:
                 adapter.remove_structure(denoiser, unit, self.removed)
+
+    def modules(self, unit: StructureUnit) -> list[str]:
+        """Every layer a unit's removals change: the OBS layers and the sliced input projections."""
+        names = []
+        for group in unit:
+            names += [*group.outputs, *(group.inputs if isinstance(group, HeadGroup) else group.up)]
+        return list(dict.fromkeys(names))
+
+    def package_state(self, package: list[StructureUnit]) -> dict:
+        """The heads / neurons the package removed, by group key (what reshaping needs)."""
+        return {group.key: self.removed[group.key] for unit in package for group in unit}
+
+    def restore(
+        self, adapter: ModelAdapter, denoiser: nn.Module, package: list[StructureUnit], state: dict
+    ) -> None:
+        """Redo a finished package's removals on the dense model (its weights are loaded after)."""
+        self.removed.update(state)
+        self.after_package(adapter, denoiser, package)

@@ -1,4 +1,4 @@
-"""Optimal Brain Surgeon layer solver in the SparseGPT form (METHOD.md §1).
+"""Optimal Brain Surgeon layer solver in the SparseGPT form (docs/METHOD.md §1).
 
 Plain tensor math: ``W`` (rows, cols), ``H`` (cols, cols) and a sparsity pattern go in; the
 pruned weight, its mask, the damping that was used and the OBS loss come out. Notation follows
@@ -130,7 +130,7 @@ def obs_solve(
     *,
     mask: torch.Tensor | None = None,
 ) -> SolveResult:
-    """Prune one linear layer with OBS (METHOD.md §1).
+    """Prune one linear layer with OBS (docs/METHOD.md §1).
 
     Args:
         W: (rows, cols) weight; not modified.

@@ -1,4 +1,4 @@
-"""Structured OBS: FFN neurons and attention heads (METHOD.md §4).
+"""Structured OBS: FFN neurons and attention heads (docs/METHOD.md §4).
 
 Plain tensor math, as in ``obs.py``. A removal step takes a set ``P`` of input columns of ``W``
 (one chunk of FFN neurons, or one head's ``d_h`` columns), prunes them with sequential OBS and
@@ -197,7 +197,7 @@ def remove_ffn_columns(
     cols: tuple[int, int] | None = None,
     pre_removed: torch.Tensor | None = None,
 ) -> StructuredResult:
-    """Remove ``num_remove`` input columns (FFN neurons) of a down-projection (METHOD.md §4).
+    """Remove ``num_remove`` input columns (FFN neurons) of a down-projection (docs/METHOD.md §4).
 
     Args:
         W: (rows, cols) down-projection weight, cols = FFN hidden width; not modified.
@@ -360,7 +360,7 @@ def remove_heads(
     layer: str = "",
     cols: tuple[int, int] | None = None,
 ) -> HeadResult:
-    """Remove ``num_remove`` heads jointly from attention output projections (METHOD.md §4).
+    """Remove ``num_remove`` heads jointly from attention output projections (docs/METHOD.md §4).
 
     Args:
         Ws: (rows_p, in_features) output projections (``to_out.0``, ``to_add_out``; one is fine).

@@ -1,4 +1,4 @@
-"""Hessian capture on the tiny SD3 pipeline: shared inputs, CFG, steps, packages (METHOD.md §2-3)."""
+"""Hessian capture on the tiny SD3 pipeline: shared inputs, CFG, steps, packages (docs/METHOD.md §2-3)."""
 
 import math
 
@@ -139,3 +139,15 @@ def test_nm_run_gives_exact_pattern_on_every_target(tiny_pipe):
     for r in records:
         W = pipe.transformer.get_submodule(r.name).weight
         assert torch.all((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2), r.name
+
+
+def test_a_nan_in_the_model_stops_pruning_naming_the_layer(tiny_pipe):
+    adapter, pipe = tiny_pipe
+    with torch.no_grad():
+        pipe.transformer.transformer_blocks[0].ff.net[2].weight[0, 0] = float("nan")  # poisons block 1
+    before = pipe.transformer.transformer_blocks[1].attn.to_q.weight.clone()
+    strategy = obs_strategy(Pattern("unstructured", ratio=0.5), SD3_TARGETS, blocks=[1])
+    message = r"Hessian of layer transformer_blocks\.1\.\S+ holds NaN"
+    with pytest.raises(prune_mod.NonFiniteError, match=message):
+        prune_groupwise(adapter, pipe, make_calib(adapter, pipe), strategy, 1)
+    assert torch.equal(pipe.transformer.transformer_blocks[1].attn.to_q.weight, before)  # nothing solved

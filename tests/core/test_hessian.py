@@ -1,4 +1,4 @@
-"""Timestep-weighted Hessian (METHOD.md §2) and its schedules."""
+"""Timestep-weighted Hessian (docs/METHOD.md §2) and its schedules."""
 
 import pytest
 import torch

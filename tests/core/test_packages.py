@@ -1,4 +1,4 @@
-"""Module packages: contiguous split (METHOD.md §3)."""
+"""Module packages: contiguous split (docs/METHOD.md §3)."""
 
 import pytest
 

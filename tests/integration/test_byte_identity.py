@@ -1,7 +1,8 @@
 """Refactors must not move results: the embedded model's pinned runs give the same bytes.
 
 Each run prunes the embedded default model (``tiny_digits``) with the default calibration and
-hashes ``pruned/denoiser.safetensors`` and ``layers.csv`` (the ``seconds`` column dropped).
+hashes ``pruned/diffusion_pytorch_model.safetensors`` (``denoiser.safetensors`` before the folder
+became a diffusers model folder: the same bytes) and ``layers.csv`` (the ``seconds`` column dropped).
 A change that moves one of these hashes is a bug fix or an option: update the value here in the
 same commit, say so in the commit message, and give the before/after numbers.
 """
@@ -15,8 +16,9 @@ import pytest
 from obsdiff.run import run
 
 pytestmark = pytest.mark.slow
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # spelled out: a rename must show up here
 
-# overrides -> (sha256 of denoiser.safetensors, sha256 of layers.csv without `seconds`)
+# overrides -> (sha256 of the weights file, sha256 of layers.csv without `seconds`)
 PINNED = {
     "": (
         "3c6f38e9f8c449fb1a7288d690d79b61189994984079b7ce945842333312c74e",
@@ -64,7 +66,7 @@ def layers_digest(text: str) -> str:
 def run_digests(compose_cfg, run_dir, overrides: str) -> tuple[str, str]:
     cfg = compose_cfg(*overrides.split(), "eval=none", "logger=none")
     run(cfg, run_dir)
-    weights = hashlib.sha256((run_dir / "pruned" / "denoiser.safetensors").read_bytes()).hexdigest()
+    weights = hashlib.sha256((run_dir / "pruned" / WEIGHTS).read_bytes()).hexdigest()
     return weights, layers_digest((run_dir / "layers.csv").read_text())
 
 

@@ -43,6 +43,10 @@ def compose_filled(compose_cfg, user_inputs, *overrides):
     """Compose, then again with the inputs its sources need (`???` composes to null, as the schema's
     default, so the config says what is needed: a file source needs a path, …)."""
     cfg = compose_cfg(*overrides)
+    if cfg.model.prompt_domain == "general" and cfg.calibration.source == "digits":
+        # the digits sources fit the tiny models only
+        overrides = (*overrides, "calibration=file", "eval=coco")
+        cfg = compose_cfg(*overrides)
     cal, ev = cfg.calibration, cfg.eval
     needed = {
         "calibration.path": cal.source == "file" and cal.path is None,

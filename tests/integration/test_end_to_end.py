@@ -65,7 +65,7 @@ def test_default_run_fulfils_the_run_contract(cli, tmp_path):
     assert all(0 < float(r["loss"]) < 1 for r in rows)
     manifest = json.loads((out / "pruned" / "manifest.json").read_text())
     assert manifest["method"] == "obs_diff" and manifest["versions"]["torch"]
-    assert (out / "pruned" / "denoiser.safetensors").stat().st_size > 0
+    assert (out / "pruned" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
     assert (out / "samples.png").stat().st_size > 0
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline files missing"
     assert "calibrate+prune" in proc.stderr  # progress bar over packages × prompts × steps
@@ -74,7 +74,7 @@ def test_default_run_fulfils_the_run_contract(cli, tmp_path):
 def test_nm_run_prunes_exactly_2_of_4(compose_cfg, run_dir):
     metrics = run(compose_cfg(*DEBUG, "sparsity=nm", "eval=none"), run_dir)
     assert metrics["prune/sparsity_achieved"] == 0.5
-    state = load_file(str(run_dir / "pruned" / "denoiser.safetensors"))
+    state = load_file(str(run_dir / "pruned" / "diffusion_pytorch_model.safetensors"))
     for row in csv.DictReader((run_dir / "layers.csv").open()):
         W = state[row["name"] + ".weight"]
         assert torch.all((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2), row["name"]
@@ -89,7 +89,7 @@ def test_multirun_of_two_schedules(cli, tmp_path):
     schedules = {(p.parent / ".hydra" / "overrides.yaml").read_text().count("uniform") for p in runs}
     assert schedules == {0, 1}
     # the dense baseline is generated once and reused by the second job
-    assert len(list((tmp_path / "cache" / "dense").iterdir())) == 1
+    assert len([p for p in (tmp_path / "cache" / "dense").iterdir() if p.is_dir()]) == 1
 
 
 def test_same_config_and_seed_give_identical_masks_and_metrics(compose_cfg, tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_same_config_and_seed_give_identical_masks_and_metrics(compose_cfg, tmp_
             {k: v for k, v in r.items() if k != "seconds"}
             for r in csv.DictReader((out / "layers.csv").open())
         ]
-        weights = load_file(str(out / "pruned" / "denoiser.safetensors"))
+        weights = load_file(str(out / "pruned" / "diffusion_pytorch_model.safetensors"))
         results.append(({k: v for k, v in metrics.items() if k != "prune/seconds"}, rows, weights))
     assert results[0][0] == results[1][0]
     assert results[0][1] == results[1][1]
@@ -147,7 +147,7 @@ def test_new_weights_at_the_same_path_are_not_served_stale_dense_results(
     second.mkdir()
     run(compose_cfg(*overrides), second)
     assert "dense images" in calls
-    assert len(list((tmp_path / "cache" / "dense").iterdir())) == 2
+    assert len([p for p in (tmp_path / "cache" / "dense").iterdir() if p.is_dir()]) == 2
 
 
 def test_wandb_finishes_after_an_exception(compose_cfg, run_dir, monkeypatch):

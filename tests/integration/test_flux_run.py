@@ -41,7 +41,7 @@ def test_tiny_flux_prunes_saves_and_reloads_to_identical_images(compose_cfg, tmp
         assert json.loads((out / "pruned" / "manifest.json").read_text())["structure"]["architecture"]
     else:
         assert abs(metrics["prune/sparsity_achieved"] - 0.5) < 0.01
-        state = load_file(str(out / "pruned" / "denoiser.safetensors"))
+        state = load_file(str(out / "pruned" / "diffusion_pytorch_model.safetensors"))
         if "nm" in overrides:
             for r in rows:
                 W = state[r["name"] + ".weight"]

@@ -66,7 +66,7 @@ def test_comparison_multirun_runs_every_method_and_reports(cli, tmp_path):
         and ("dsnot", "2:4") in seen
         and ("sparsegpt", "unstructured 60%") in seen
     )
-    sparsegpt = OmegaConf.load(next(sweep.glob("*_sparsegpt-u60")) / ".hydra" / "config.yaml")
+    sparsegpt = OmegaConf.load(next(sweep.glob("+compare=sparsegpt-u60*")) / ".hydra" / "config.yaml")
     assert (sparsegpt.schedule.name, sparsegpt.pruner.num_packages) == ("uniform", 1)  # the preset
 
     report([str(sweep)])

@@ -1,4 +1,4 @@
-"""The OBS solver against the behaviours pinned in METHOD.md §1."""
+"""The OBS solver against the behaviours pinned in docs/METHOD.md §1."""
 
 import logging
 

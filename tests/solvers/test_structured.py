@@ -1,4 +1,4 @@
-"""Structured OBS (FFN neurons, attention heads) against METHOD.md §4."""
+"""Structured OBS (FFN neurons, attention heads) against docs/METHOD.md §4."""
 
 import pytest
 import torch
