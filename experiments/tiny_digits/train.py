@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument(
         "--snapshot-every", type=int, default=0, help="denoiser: save OUT_snapshots/step<N> every N steps"
     )
+    checkpoint_help = "denoiser: keep a resumable state here (every 500 steps), resume from it if present"
+    parser.add_argument("--checkpoint", type=Path, help=checkpoint_help)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (results depend on it)")
     parser.add_argument("--classifier-steps", type=int, default=ClassifierSettings.steps)
     guidance_help = "CFG scale for metrics and samples (flux: true_cfg_scale)"
@@ -161,8 +163,9 @@ def main() -> None:
         steps = {} if args.denoiser_steps is None else {"steps": args.denoiser_steps}
         snapshot_dir = out.parent / f"{out.name}_snapshots"
         pipe = family.train_denoiser(
-            vae, family.settings(**steps), snapshot_every=args.snapshot_every, snapshot_dir=snapshot_dir
-        )
+            vae, family.settings(**steps), snapshot_every=args.snapshot_every, snapshot_dir=snapshot_dir,
+            checkpoint=args.checkpoint,
+        )  # fmt: skip
         save_pipeline(pipe, out)
         timings["denoiser"] = time.time() - start
     if "classifier" in stages:

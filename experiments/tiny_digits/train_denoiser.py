@@ -14,9 +14,10 @@ in obsdiff's tiny configs); a fraction of the steps uses 256 so that both work.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from experiments.tiny_digits.components import (
 from experiments.tiny_digits.train_vae import lr_factor
 from obsdiff.models.digits_data import (
     TEMPLATES,
+    Caption,
     load_mnist,
     make_caption,
     random_captions,
@@ -40,6 +42,7 @@ from obsdiff.models.digits_data import (
 
 # The pipeline components the denoiser stage trains (both families name them alike).
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
+CHECKPOINT_EVERY = 500  # steps between resumable states, when a checkpoint path is given
 
 
 @dataclass
@@ -161,6 +164,7 @@ def train_denoiser(
     log_every: int = 100,
     snapshot_every: int = 0,
     snapshot_dir: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> StableDiffusion3Pipeline:
     """Trains the transformer and both text encoders; returns the pipeline with averaged weights.
 
@@ -170,6 +174,7 @@ def train_denoiser(
         log_every: Print the running loss every this many steps.
         snapshot_every: Save the averaged weights every this many steps (0: never) ...
         snapshot_dir: ... as ``snapshot_dir/step<N>`` (diffusers folders).
+        checkpoint: Resumable training state (see :func:`optimise`); ``None``: none.
 
     Returns:
         A ``StableDiffusion3Pipeline`` holding the EMA weights, in eval mode.
@@ -183,23 +188,25 @@ def train_denoiser(
     transformer = new_transformer(settings.seed + 3)
     pipe = assemble(vae.requires_grad_(False), transformer, text_encoders, tokenizer)
 
-    def step_loss(z0: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def step_loss(z0: torch.Tensor, texts: list[str], captions: list[Caption]) -> torch.Tensor:
         long_context = torch.rand((), generator=generator).item() < settings.long_context_prob
         return flow_loss(pipe, z0, texts, 256 if long_context else 1, generator)
 
-    optimise(pipe, vae, step_loss, settings, generator, log_every, snapshot_every, snapshot_dir)
+    optimise(pipe, vae, step_loss, settings, generator, log_every, snapshot_every, snapshot_dir, checkpoint)
     return pipe
 
 
 def optimise(
     pipe: DiffusionPipeline,
     vae: AutoencoderKL,
-    step_loss: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    step_loss: Callable[[torch.Tensor, list[str], list[Caption]], torch.Tensor],
     settings: DenoiserSettings,
     generator: torch.Generator,
     log_every: int,
     snapshot_every: int,
     snapshot_dir: Path | None,
+    checkpoint: Path | None = None,
+    auxiliary: torch.nn.Module | None = None,
 ) -> None:
     """Trains the pipeline's transformer and text encoders in place, ending on their EMA weights.
 
@@ -209,43 +216,109 @@ def optimise(
     Args:
         pipe: A pipeline whose ``transformer``, ``text_encoder`` and ``text_encoder_2`` are trained.
         vae: The trained VAE (frozen) that encodes the latent pool.
-        step_loss: The loss of one batch of normalised latents and captions (may draw from
-            ``generator``).
+        step_loss: The loss of one batch of normalised latents, its texts (empty where the caption
+            was dropped) and its captions (may draw from ``generator``).
         settings: Steps, batch size, learning rate, dropout, EMA, seed.
         generator: The random source of batches, dropout and the loss.
         log_every: Print the running loss every this many steps.
         snapshot_every: Save the averaged weights every this many steps (0: never) ...
         snapshot_dir: ... as ``snapshot_dir/step<N>`` (diffusers folders).
+        checkpoint: If given, the full training state (weights, optimiser, EMA, random state) is
+            written there every :data:`CHECKPOINT_EVERY` steps, training resumes from it when it
+            exists (giving the same weights as an uninterrupted run), and it is deleted at the end.
+        auxiliary: Extra trained parameters the loss uses (e.g. probe heads), not kept afterwards.
     """
     trained = [getattr(pipe, name).train() for name in TRAINED]
     params = [p for module in trained for p in module.parameters()]
+    if auxiliary is not None:  # trained with the pipeline, neither averaged nor saved with it
+        params += list(auxiliary.train().parameters())
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=settings.weight_decay
     )
+    extra = [] if auxiliary is None else [auxiliary]
     ema = Ema(trained, settings.ema_decay)
     batches = LatentPool(vae, settings.latent_copies, generator).batches(settings.batch_size, generator)
-    start, running = time.time(), 0.0
-    for step in range(settings.steps):
+    first = 0
+    if checkpoint is not None and checkpoint.exists():
+        first = resume(checkpoint, settings, trained + extra, optimizer, ema, generator)
+        print(f"denoiser resumed at step {first} from {checkpoint}")
+    start, running, summed = time.time(), 0.0, 0
+    for step in range(first, settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup)
         z0, captions = next(batches)
         keep = torch.rand(len(captions), generator=generator) >= settings.caption_dropout
         texts = [c.text if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
-        loss = step_loss(z0, texts)
+        loss = step_loss(z0, texts, captions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
         ema.update()
-        running += loss.item()
+        running, summed = running + loss.item(), summed + 1
         if (step + 1) % log_every == 0:
             elapsed = time.time() - start
-            print(f"denoiser step {step + 1}/{settings.steps} loss {running / log_every:.4f} {elapsed:.0f}s")
-            running = 0.0
+            print(f"denoiser step {step + 1}/{settings.steps} loss {running / summed:.4f} {elapsed:.0f}s")
+            running, summed = 0.0, 0
         if snapshot_every and (step + 1) % snapshot_every == 0:
             snapshot = copy.deepcopy(pipe)
             ema.copy_to([getattr(snapshot, name) for name in TRAINED])
             snapshot.save_pretrained(snapshot_dir / f"step{step + 1}")
+        if checkpoint is not None and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < settings.steps:
+            save_checkpoint(checkpoint, step + 1, settings, trained + extra, optimizer, ema, generator)
     ema.copy_to(trained)
     for module in trained:
         module.eval()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    path: Path,
+    step: int,
+    settings: DenoiserSettings,
+    trained: list[torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    ema: Ema,
+    generator: torch.Generator,
+) -> None:
+    """Writes the training state after ``step`` steps (atomically: a kill never leaves half a file)."""
+    state = {
+        "step": step,
+        "settings": asdict(settings),
+        "modules": [module.state_dict() for module in trained],
+        "optimizer": optimizer.state_dict(),
+        "ema_shadow": ema.shadow,
+        "ema_updates": ema.updates,
+        "generator": generator.get_state(),
+    }
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+@torch.no_grad()
+def resume(
+    path: Path,
+    settings: DenoiserSettings,
+    trained: list[torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    ema: Ema,
+    generator: torch.Generator,
+) -> int:
+    """Restores a state written by :func:`save_checkpoint`; returns the number of steps it had done.
+
+    Raises:
+        ValueError: If the checkpoint was written with other settings.
+    """
+    state = torch.load(path, weights_only=True)
+    if state["settings"] != asdict(settings):
+        raise ValueError(f"checkpoint {path} has settings {state['settings']}, not {asdict(settings)}")
+    for module, weights in zip(trained, state["modules"], strict=True):
+        module.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    for average, saved in zip(ema.shadow, state["ema_shadow"], strict=True):
+        average.copy_(saved)
+    ema.updates = state["ema_updates"]
+    generator.set_state(state["generator"])
+    return state["step"]
