@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from obsdiff.config.fields import ConfigError
 from obsdiff.config.resolve import RunSpec, check_against_model, effective_update, resolve
 from obsdiff.config.schema import RunConfig, register_schema
-from obsdiff.config.validate import ConfigError, check_fields, parse_blocks
+from obsdiff.config.validate import check_fields, parse_blocks
 
 
 def register_configs() -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from obsdiff.config.validate import ConfigError, parse_blocks
+from obsdiff.config.fields import ConfigError
+from obsdiff.config.validate import parse_blocks
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import re
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from obsdiff.calibration.prompts import PROMPT_SOURCES, PromptSourceError, check_prompt_source
 from obsdiff.calibration.timesteps import SCHEDULES
+from obsdiff.config.fields import (
+    ConfigError,
+    fail,
+    finite,
+    fraction,
+    int_at_least,
+    is_int,
+    non_empty,
+    number_at_least,
+    one_of,
+    plain,
+    valid_name,
+)
 from obsdiff.evaluation import FEATURE_NETS, PROMPT_JUDGES, REAL_IMAGES
 from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, STRUCTURED_METHODS, UPDATES
 
@@ -39,65 +50,10 @@ DIGITS_ONLY = {
     "real_images": ("digits_heldout",),
 }
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-NAMES = re.compile(r"[A-Za-z0-9._-]+")  # model.name and pruner.name name run folders and caches
 METRIC_GROUPS = ("prune", "model", "dense", "eval")  # the prefixes of run()'s metric names
 BLOCKS_ALLOWED = (
     'null, a non-empty list of distinct block indices >= 0, or "start:stop" (negative from the end)'
 )
-
-
-class ConfigError(ValueError):
-    """A config field holds a value obsdiff cannot run with."""
-
-
-def fail(fld: str, value: Any, allowed: str) -> NoReturn:
-    """Raise ``ConfigError("<fld>=<value> is invalid; allowed: <allowed>")``."""
-    raise ConfigError(f"{fld}={value!r} is invalid; allowed: {allowed}")
-
-
-def _plain(value: Any) -> Any:
-    """Lists as lists in messages (not ``ListConfig``)."""
-    return list(value) if isinstance(value, ListConfig | list | tuple) else value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_at_least(fld: str, value: Any, low: int) -> None:
-    if not _is_int(value) or value < low:
-        fail(fld, value, f"an integer >= {low}")
-
-
-def _number_at_least(fld: str, value: Any, low: float, hint: str = "") -> None:
-    if not (_finite(value) and value >= low):
-        fail(fld, value, f"a finite number >= {low:g}{hint}")
-
-
-def _fraction(fld: str, value: Any) -> None:
-    if not (_finite(value) and 0 <= value < 1):
-        fail(fld, value, "a fraction in [0, 1)")
-
-
-def _name(fld: str, value: Any) -> None:
-    if not (isinstance(value, str) and NAMES.fullmatch(value)):
-        fail(fld, value, "a non-empty name of letters, digits, '.', '_' and '-' (it names run folders)")
-
-
-def _text(fld: str, value: Any, allowed: str, nullable: bool = False) -> None:
-    """A non-empty string (or null when ``nullable``)."""
-    if not (value is None and nullable or isinstance(value, str) and value.strip()):
-        fail(fld, value, ("null or " if nullable else "") + allowed)
-
-
-def _one_of(fld: str, value: Any, names: Iterable[str], suffix: str = "", nullable: bool = False) -> None:
-    names = list(names)
-    if value not in names:
-        fail(fld, value, ("null, " if nullable else "") + ", ".join(names) + suffix)
 
 
 def _installed(module: str) -> bool:
@@ -135,15 +91,15 @@ def check_blocks(blocks: Any) -> None:
     if isinstance(blocks, str):
         _range_bounds(blocks)
         return
-    items = [blocks] if _is_int(blocks) else blocks
+    items = [blocks] if is_int(blocks) else blocks
     if not isinstance(items, ListConfig | list) or not items:
-        fail("pruner.blocks", _plain(blocks), BLOCKS_ALLOWED)
-    if not all(_is_int(b) and b >= 0 for b in items):
-        fail("pruner.blocks", _plain(blocks), BLOCKS_ALLOWED)
+        fail("pruner.blocks", plain(blocks), BLOCKS_ALLOWED)
+    if not all(is_int(b) and b >= 0 for b in items):
+        fail("pruner.blocks", plain(blocks), BLOCKS_ALLOWED)
     indices = list(items)
     duplicates = sorted({b for b in indices if indices.count(b) > 1})
     if duplicates:
-        fail("pruner.blocks", _plain(blocks), f"distinct block indices (repeated: {duplicates})")
+        fail("pruner.blocks", plain(blocks), f"distinct block indices (repeated: {duplicates})")
 
 
 def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -167,25 +123,25 @@ def check_missing(cfg: DictConfig) -> None:
 
 def check_model(model: DictConfig) -> None:
     """``model``: names, dtype, device, prompt domain and the sampler defaults (options: the adapter)."""
-    _name("model.name", model.name)
-    _text("model.path", model.path, "a hub id, a local diffusers folder or an embedded model's name")
-    _one_of("model.torch_dtype", model.torch_dtype, TORCH_DTYPES)
+    valid_name("model.name", model.name)
+    non_empty("model.path", model.path, "a hub id, a local diffusers folder or an embedded model's name")
+    one_of("model.torch_dtype", model.torch_dtype, TORCH_DTYPES)
     if not (isinstance(model.device, str) and DEVICES.fullmatch(model.device)):
         fail("model.device", model.device, "auto, cpu, mps, cuda or cuda:<index>")
-    _one_of("model.prompt_domain", model.prompt_domain, PROMPT_DOMAINS)
+    one_of("model.prompt_domain", model.prompt_domain, PROMPT_DOMAINS)
     sampler = model.sampler
-    _int_at_least("model.sampler.resolution", sampler.resolution, 1)
-    _number_at_least("model.sampler.guidance_scale", sampler.guidance_scale, 0, " (> 1 turns on CFG)")
+    int_at_least("model.sampler.resolution", sampler.resolution, 1)
+    number_at_least("model.sampler.guidance_scale", sampler.guidance_scale, 0, " (> 1 turns on CFG)")
     for use in ("calibration", "eval"):
         for key in ("num_prompts", "num_steps", "batch_size"):
-            _int_at_least(f"model.sampler.{use}.{key}", sampler[use][key], 1)
+            int_at_least(f"model.sampler.{use}.{key}", sampler[use][key], 1)
 
 
 def check_sparsity(cfg: DictConfig) -> None:
     """``sparsity``: ratios, N:M, the kind-specific fields, ``pruner.block_size`` as a multiple of M."""
     sp = cfg.sparsity
-    _one_of("sparsity.kind", sp.kind, SPARSITY_KINDS)
-    _fraction("sparsity.ratio", sp.ratio)
+    one_of("sparsity.kind", sp.kind, SPARSITY_KINDS)
+    fraction("sparsity.ratio", sp.ratio)
     if sp.kind == "nm":
         if sp.n <= 0 or sp.m <= 0 or sp.n >= sp.m:
             fail("sparsity.n/sparsity.m", f"{sp.n}:{sp.m}", "positive integers with N < M (e.g. 2:4, 4:8)")
@@ -197,14 +153,14 @@ def check_sparsity(cfg: DictConfig) -> None:
         if sp[key] is not None:
             if sp.kind != "structured":
                 fail(f"sparsity.{key}", sp[key], f"null for sparsity.kind={sp.kind} (structured only)")
-            _fraction(f"sparsity.{key}", sp[key])
+            fraction(f"sparsity.{key}", sp[key])
 
 
 def check_schedule(sch: DictConfig) -> None:
     """``schedule``: a registered weighting and finite ``0 < alpha_min <= alpha_max``."""
-    _one_of("schedule.name", sch.name, SCHEDULES.names())
+    one_of("schedule.name", sch.name, SCHEDULES.names())
     for key in ("alpha_min", "alpha_max"):
-        if not (_finite(sch[key]) and sch[key] > 0):
+        if not (finite(sch[key]) and sch[key] > 0):
             fail(f"schedule.{key}", sch[key], "a finite number > 0")
     if sch.alpha_min > sch.alpha_max:
         fail("schedule.alpha_min/alpha_max", f"{sch.alpha_min}/{sch.alpha_max}", "alpha_min <= alpha_max")
@@ -213,14 +169,14 @@ def check_schedule(sch: DictConfig) -> None:
 def check_pruner(cfg: DictConfig) -> None:
     """``pruner``: mask and update names, numbers, blocks, targets and the compensate ablation."""
     pr, kind = cfg.pruner, cfg.sparsity.kind
-    _name("pruner.name", pr.name)
+    valid_name("pruner.name", pr.name)
     methods = STRUCTURED_METHODS if kind == "structured" else MASK_METHODS
-    _one_of("pruner.mask", pr.mask, methods, f" (for sparsity={kind})")
-    _one_of("pruner.update", pr["update"], UPDATES)  # pr.update is DictConfig.update, the method
-    _int_at_least("pruner.num_packages", pr.num_packages, 1)
-    if not (_finite(pr.damp_frac) and pr.damp_frac > 0):
+    one_of("pruner.mask", pr.mask, methods, f" (for sparsity={kind})")
+    one_of("pruner.update", pr["update"], UPDATES)  # pr.update is DictConfig.update, the method
+    int_at_least("pruner.num_packages", pr.num_packages, 1)
+    if not (finite(pr.damp_frac) and pr.damp_frac > 0):
         fail("pruner.damp_frac", pr.damp_frac, "a finite number > 0 (0.01 in the paper)")
-    _int_at_least("pruner.block_size", pr.block_size, 1)
+    int_at_least("pruner.block_size", pr.block_size, 1)
     if not pr.compensate and kind != "structured":
         fail(
             "pruner.compensate", pr.compensate, "true (false is the structured ablation, sparsity=structured)"
@@ -235,11 +191,11 @@ def check_pruner(cfg: DictConfig) -> None:
 
 def check_dsnot(ds: DictConfig) -> None:
     """``pruner.dsnot``: the start mask, a cycle count >= 0 and finite thresholds and powers."""
-    _one_of("pruner.dsnot.init", ds.init, DSNOT_INITS)
-    _int_at_least("pruner.dsnot.max_cycles", ds.max_cycles, 0)
-    _number_at_least("pruner.dsnot.update_threshold", ds.update_threshold, 0)
+    one_of("pruner.dsnot.init", ds.init, DSNOT_INITS)
+    int_at_least("pruner.dsnot.max_cycles", ds.max_cycles, 0)
+    number_at_least("pruner.dsnot.update_threshold", ds.update_threshold, 0)
     for key in ("pow_of_var_regrowing", "pow_of_var_pruning"):
-        if not _finite(ds[key]):
+        if not finite(ds[key]):
             fail(f"pruner.dsnot.{key}", ds[key], "a finite number")
 
 
@@ -270,13 +226,13 @@ def check_prompts(cfg: DictConfig, group: str) -> None:
         return
     _fits_domain(cfg, f"{group}.source", c.source)
     for key in ("num_steps", "batch_size", "resolution"):
-        _int_at_least(f"{group}.{key}", c[key], 1)
-    _number_at_least(f"{group}.guidance_scale", c.guidance_scale, 0, " (> 1 turns on CFG)")
-    _int_at_least(f"{group}.seed", c.seed, 0)
+        int_at_least(f"{group}.{key}", c[key], 1)
+    number_at_least(f"{group}.guidance_scale", c.guidance_scale, 0, " (> 1 turns on CFG)")
+    int_at_least(f"{group}.seed", c.seed, 0)
     if group == "eval":
-        _int_at_least("eval.skip_prompts", c.skip_prompts, 0)
-        _int_at_least("eval.num_grid", c.num_grid, 1)
-    if not _is_int(c.num_prompts):
+        int_at_least("eval.skip_prompts", c.skip_prompts, 0)
+        int_at_least("eval.num_grid", c.num_grid, 1)
+    if not is_int(c.num_prompts):
         fail(f"{group}.num_prompts", c.num_prompts, "an integer >= 1")
     num = c.num_prompts + c.get("skip_prompts", 0)
     try:
@@ -289,7 +245,7 @@ def check_eval(cfg: DictConfig) -> None:
     """``eval``: its kind, references (real images or a dense-model seed range apart from the eval
     seeds), prompt judge, FID feature net and CLIP model."""
     ecfg = cfg.eval
-    _one_of("eval.kind", ecfg.kind, EVAL_KINDS)
+    one_of("eval.kind", ecfg.kind, EVAL_KINDS)
     if ecfg.kind == "none":
         return
     if ecfg.reference_dir is not None and ecfg.real_images is not None:
@@ -299,12 +255,12 @@ def check_eval(cfg: DictConfig) -> None:
     if ecfg.reference_dir is not None and not Path(ecfg.reference_dir).is_dir():
         fail("eval.reference_dir", ecfg.reference_dir, "an existing folder of reference images")
     if ecfg.real_images is not None:
-        _one_of("eval.real_images", ecfg.real_images, REAL_IMAGES.names(), nullable=True)
+        one_of("eval.real_images", ecfg.real_images, REAL_IMAGES.names(), nullable=True)
         _fits_domain(cfg, "eval.real_images", ecfg.real_images)
     if ecfg.reference_dir is None and ecfg.real_images is None and ecfg.reference_seed is None:
         fail("eval.reference_seed", None, "a seed when eval has no real images (reference_dir, real_images)")
     if ecfg.reference_seed is not None:
-        _int_at_least("eval.reference_seed", ecfg.reference_seed, 0)
+        int_at_least("eval.reference_seed", ecfg.reference_seed, 0)
         seed, num = ecfg.seed, ecfg.num_prompts  # the eval images' seeds: seed .. seed + num - 1
         if abs(ecfg.reference_seed - seed) < num:
             fail(
@@ -313,26 +269,26 @@ def check_eval(cfg: DictConfig) -> None:
                 f">= {seed + num} or <= {seed - num}, apart from the eval seeds (eval.seed={seed}, {num})",
             )
     if ecfg.prompt_judge is not None:
-        _one_of("eval.prompt_judge", ecfg.prompt_judge, PROMPT_JUDGES.names(), nullable=True)
+        one_of("eval.prompt_judge", ecfg.prompt_judge, PROMPT_JUDGES.names(), nullable=True)
         _fits_domain(cfg, "eval.prompt_judge", ecfg.prompt_judge)
         if ecfg.source != "digits":
             fail("eval.prompt_judge", ecfg.prompt_judge, "null unless eval.source=digits")
-    _one_of("eval.feature_net", ecfg.feature_net, FEATURE_NETS.names())
+    one_of("eval.feature_net", ecfg.feature_net, FEATURE_NETS.names())
     if ecfg.feature_net == "inception_v3" and not _installed("torch_fidelity"):
         fail("eval.feature_net", ecfg.feature_net, 'efficientnet_lite0; or pip install "obsdiff[coco]"')
     if ecfg.feature_weights is not None and not Path(ecfg.feature_weights).is_file():
         fail("eval.feature_weights", ecfg.feature_weights, "null (packaged weights) or an existing file")
-    _text("eval.clip_model", ecfg.clip_model, "tiny, a CLIP hub id or a local folder", nullable=True)
+    non_empty("eval.clip_model", ecfg.clip_model, "tiny, a CLIP hub id or a local folder", nullable=True)
 
 
 def check_logger(lg: DictConfig) -> None:
     """``logger``: kind, mode, names and distinct, non-empty tags."""
-    _one_of("logger.kind", lg.kind, LOGGER_KINDS)
-    _one_of("logger.mode", lg.mode, LOGGER_MODES)
-    _text("logger.project", lg.project, "a W&B project name")
-    _text("logger.entity", lg.entity, "a W&B entity (user or team)", nullable=True)
-    _text("logger.name", lg.name, "a run name (null: W&B picks one)", nullable=True)
-    _text("logger.group", lg.group, "a run group (null: the sweep folder in a multirun)", nullable=True)
+    one_of("logger.kind", lg.kind, LOGGER_KINDS)
+    one_of("logger.mode", lg.mode, LOGGER_MODES)
+    non_empty("logger.project", lg.project, "a W&B project name")
+    non_empty("logger.entity", lg.entity, "a W&B entity (user or team)", nullable=True)
+    non_empty("logger.name", lg.name, "a run name (null: W&B picks one)", nullable=True)
+    non_empty("logger.group", lg.group, "a run group (null: the sweep folder in a multirun)", nullable=True)
     tags = list(lg.tags)
     if not all(isinstance(t, str) and 0 < len(t.strip()) <= 64 for t in tags) or len(set(tags)) < len(tags):
         fail("logger.tags", tags, "distinct, non-empty tags of at most 64 characters")
@@ -349,7 +305,7 @@ def check_run(cfg: DictConfig) -> None:
             fail(
                 "artifact", cfg.artifact, f"an artifact of model.family={cfg.model.family!r}, not {family!r}"
             )
-    _text("cache_dir", cfg.cache_dir, "a folder for dense results and reference statistics")
+    non_empty("cache_dir", cfg.cache_dir, "a folder for dense results and reference statistics")
     if Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
         fail("cache_dir", cfg.cache_dir, "a folder (this is a file)")
     metric = cfg.optimized_metric
