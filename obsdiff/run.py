@@ -50,8 +50,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     ``layers.csv``, ``pruned/`` and ``samples.png`` into ``run_dir``; the outputs are complete only
     once the status is ``done``. Rerun in the same directory after a kill, the same config resumes
     after its last finished package (``checkpoints/``) and ends with the same bytes as an
-    uninterrupted run; a finished run is not redone; another config is refused (``resume=false``
-    starts clean).
+    uninterrupted run; a finished run is not redone (``skip_done=false`` redoes it); another
+    config is refused (``resume=false`` starts clean).
 
     Raises:
         ConfigError: ``run_dir`` holds a run of another config and ``resume`` is true.
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     checkpoints = PackageCheckpoints(run_dir / "checkpoints", digest)
     if _claim(cfg, run_dir, digest):
         checkpoints.clear()
-        log.info("%s already holds this run, done; nothing to redo (resume=false starts clean)", run_dir)
+        log.info("%s already holds this run, done; nothing to redo (skip_done=false redoes it)", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
     log.info("run dir %s (config %s)", run_dir, digest)
     write_status(run_dir, "running", digest)
@@ -83,10 +83,13 @@ def _claim(cfg: DictConfig, run_dir: Path, digest: str) -> bool:
     """Take ``run_dir`` for this run; ``True`` if it already holds this run, done.
 
     A directory used by another config is refused while ``resume`` is true; ``resume=false``
-    deletes the earlier outputs first.
+    deletes the earlier outputs first, and so does ``skip_done=false`` for a finished run.
     """
     status = read_status(run_dir)
-    if not cfg.resume:
+    redo = status is not None and status["state"] == "done" and not cfg.skip_done
+    if not cfg.resume or redo:
+        if redo:
+            log.info("%s holds this run, done; skip_done=false: redoing it from scratch", run_dir)
         for name in OUTPUTS:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

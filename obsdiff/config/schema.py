@@ -157,7 +157,8 @@ class RunConfig:
     # A rerun in a used run dir continues after its last finished package (same config only);
     # false = start clean, deleting the dir's earlier outputs.
     resume: bool = True
-    # -m: skip a job whose run dir already holds a finished run of the same config.
+    # A run (or -m job) whose dir already holds a finished run of the same config is not redone;
+    # false = redo it from scratch.
     skip_done: bool = True
     # The metric the task function returns (Hydra sweepers, e.g. Optuna, minimise/maximise it).
     optimized_metric: str | None = None

@@ -106,3 +106,7 @@ def test_a_used_dir_refuses_another_config_and_resume_false_starts_clean(tmp_pat
     assert "resumed" not in clean.stdout + clean.stderr and state(run_dir) == "done"
     again = obsdiff(run_dir, cache, "sparsity.ratio=0.6")  # done: nothing is redone
     assert again.returncode == 0 and "nothing to redo" in again.stdout + again.stderr
+    finished = (run_dir / "status.json").read_text()
+    redo = obsdiff(run_dir, cache, "sparsity.ratio=0.6", "skip_done=false")  # asked to: done again
+    assert redo.returncode == 0 and "redoing it from scratch" in redo.stdout + redo.stderr
+    assert state(run_dir) == "done" and (run_dir / "status.json").read_text() != finished
