@@ -7,11 +7,12 @@ finished jobs, the objective a sweeper optimises, and the summary table at the e
   ``hydra.sweep.dir`` finds every finished job where it left it.
 - **Skipping**: a job whose folder holds a ``done`` run (``status.json``) of the same
   :func:`obsdiff.provenance.run_hash` is not run again (``skip_done=true``, the default).
-- :class:`SweepCallback` (``hydra.callbacks`` in ``conf/config.yaml``) composes and field-checks
-  every job of a basic-sweeper grid before the first one starts, lists every bad one and exits
-  with status 2; after the sweep it writes ``report.{csv,md,png}`` into the sweep folder.
+- :class:`SweepCallback` (``hydra.callbacks`` in ``conf/config.yaml``) composes and checks every
+  job of a basic-sweeper grid (fields, then against the model's config) before the first one
+  starts, lists every bad one and exits with status 2; after the sweep it writes
+  ``report.{csv,md,png}`` into the sweep folder.
 
-A leaf as far as torch goes: hydra, omegaconf and the config checks only.
+A leaf as far as torch goes: hydra, omegaconf, the config checks and the adapters' config answers.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def grid(config: DictConfig, config_loader: Any) -> list[list[str]]:
 
 
 def check_grid(config: DictConfig, config_loader: Any) -> tuple[list[str], list[Path]]:
-    """Compose and field-check every job (no torch, no model).
+    """Compose and check every job: its fields, then against its model's config (no torch, no weights).
 
     Returns:
         One line per bad job (its overrides and the error), and the folders of jobs that will be
@@ -118,15 +119,21 @@ def check_grid(config: DictConfig, config_loader: Any) -> tuple[list[str], list[
     from omegaconf.errors import OmegaConfBaseException
 
     from obsdiff.calibration.prompts import PromptSourceError
-    from obsdiff.config import ConfigError, check_fields
+    from obsdiff.config import ConfigError, check_against_model, check_fields
+    from obsdiff.models import ModelNotAvailableError
 
     bad, done = [], []
+    errors = (ConfigError, PromptSourceError, HydraException, OmegaConfBaseException, ValueError, KeyError)
     for num, overrides in enumerate(grid(config, config_loader)):
         try:
             job_cfg = config_loader.load_sweep_config(config, list(overrides))
             cfg = task_config(job_cfg)
             check_fields(cfg)
-        except (ConfigError, PromptSourceError, HydraException, OmegaConfBaseException, ValueError) as err:
+            try:  # block range, widths, resolutions: from the model's config file, no weights
+                check_against_model(cfg)
+            except ModelNotAvailableError:
+                pass  # no config here (an uncached hub model): the job records it when it runs
+        except errors as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             bad.append(f"{' '.join(overrides) or '(no overrides)'}: {message}")
             continue

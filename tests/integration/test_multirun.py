@@ -76,6 +76,12 @@ def test_every_bad_job_of_a_grid_is_listed_before_any_starts(multirun_config, ca
     assert "3 job(s) of this sweep have a bad config" in caplog.text
 
 
+def test_a_job_the_model_cannot_take_is_refused_before_launch(multirun_config):
+    config, loader = multirun_config("pruner.blocks=[0],[99]")  # tiny_digits has 4 blocks
+    bad, _ = check_grid(config, loader)
+    assert len(bad) == 1 and "pruner.blocks=[99]" in bad[0] and "out of range" in bad[0]
+
+
 def test_a_finished_job_is_found_in_its_folder_before_launch(multirun_config):
     config, loader = multirun_config("sparsity.ratio=0.3,0.5", "logger=none")
     jobs = grid(config, loader)
@@ -116,6 +122,17 @@ def job_dirs(sweep: Path) -> dict[str, Path]:
     return dirs
 
 
+def job_dir(sweep: Path, *wanted: str) -> Path:
+    """The one job folder of a sweep whose overrides include every ``wanted`` override."""
+    found = [
+        overrides.parent.parent
+        for overrides in sweep.glob("*/.hydra/overrides.yaml")
+        if set(wanted) <= set(yaml.safe_load(overrides.read_text()))
+    ]
+    assert len(found) == 1, (wanted, found)
+    return found[0]
+
+
 @pytest.mark.slow
 def test_a_bad_grid_exits_2_listing_every_bad_job_and_launches_none(obsdiff, tmp_path):
     sweep = tmp_path / "sweep"
@@ -130,27 +147,31 @@ def test_a_bad_grid_exits_2_listing_every_bad_job_and_launches_none(obsdiff, tmp
 @pytest.mark.slow
 def test_a_relaunched_sweep_redoes_only_what_is_missing_and_survives_a_failing_job(obsdiff, tmp_path):
     sweep = tmp_path / "sweep"
-    # job 0 fails before it starts (block 99 of a 4-block model), job 1 runs
-    first = obsdiff("-m", f"hydra.sweep.dir={sweep}", *CHEAP, "pruner.blocks=[99],[0]")
+    # job 0 fails before it starts (a hub model that is not here: only running it can tell), job 1 runs
+    paths = "model.path=nobody/no-such-model,tiny_digits"
+    first = obsdiff("-m", f"hydra.sweep.dir={sweep}", *CHEAP, "pruner.blocks=[0]", paths)
     assert first.returncode == 0, first.stderr[-3000:]
-    dirs = job_dirs(sweep)
-    assert read_status(dirs["[99]"])["state"] == "failed"
-    assert "out of range" in read_status(dirs["[99]"])["error"]
-    assert "job failed before it started" in (dirs["[99]"] / "cli.log").read_text()
-    assert read_status(dirs["[0]"])["state"] == "done"
+    missing = job_dir(sweep, "model.path=nobody/no-such-model")
+    assert read_status(missing)["state"] == "failed"
+    assert "weights not found" in read_status(missing)["error"]
+    assert "job failed before it started" in (missing / "cli.log").read_text()
+    done = job_dir(sweep, "model.path=tiny_digits", "pruner.blocks=[0]")
+    assert read_status(done)["state"] == "done"
     report = (sweep / "report.md").read_text()  # written when the sweep ends
     assert "| obs_diff |" in report and "1 run(s) not done" in report
-    finished = (dirs["[0]"] / "metrics.json").stat().st_mtime_ns
+    finished = (done / "metrics.json").stat().st_mtime_ns
 
-    # another grid around the finished job: it is job 0 now, in the same folder, and skipped
-    again = obsdiff("-m", f"hydra.sweep.dir={sweep}", *CHEAP, "pruner.blocks=[0],[1]")
+    # another grid around the finished job: a different job number, the same folder, skipped
+    again = obsdiff(
+        "-m", f"hydra.sweep.dir={sweep}", *CHEAP, "pruner.blocks=[1],[0]", "model.path=tiny_digits"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert job_dirs(sweep)["[0]"] == dirs["[0]"]
+    assert job_dir(sweep, "model.path=tiny_digits", "pruner.blocks=[0]") == done
     out = again.stdout + again.stderr  # Hydra logs the sweep itself to stdout
     assert "1 job(s) done already with this config, skipped" in out
-    assert "skipped: " in (dirs["[0]"] / "cli.log").read_text()
-    assert (dirs["[0]"] / "metrics.json").stat().st_mtime_ns == finished
-    assert read_status(job_dirs(sweep)["[1]"])["state"] == "done"
+    assert "skipped: " in (done / "cli.log").read_text()
+    assert (done / "metrics.json").stat().st_mtime_ns == finished
+    assert read_status(job_dir(sweep, "pruner.blocks=[1]"))["state"] == "done"
     assert "(2 runs)" in out and "job failed" in out  # the summary names the earlier failure
 
 
