@@ -166,6 +166,8 @@ def main(cfg: DictConfig) -> float | None:
         ``metrics[optimized_metric]``, the objective of Hydra's sweepers (e.g. Optuna); ``None``
         when nothing is optimised or the run failed (see :func:`obsdiff.sweeper.objective`).
     """
+    global _task_started
+    _task_started = True
     silence_known_noise()  # again: a submitit job process may not have imported this module
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -180,5 +182,24 @@ def main(cfg: DictConfig) -> float | None:
     return objective(metrics, cfg.optimized_metric)
 
 
+# Whether Hydra got as far as the task function (see :func:`entry`).
+_task_started = False
+
+
+def entry() -> None:
+    """The ``obsdiff`` console script: :func:`main`, with Hydra's own config errors as status 2.
+
+    Hydra exits with status 1 both when it cannot compose the config (an unknown key or group
+    option: a user error) and when the task raised (a bug). The first happens before the task
+    function starts, so it is told apart here and given status 2, like every other config error.
+    """
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    entry()

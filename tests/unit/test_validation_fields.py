@@ -207,3 +207,12 @@ def test_cli_refuses_in_one_line_with_status_2_and_no_weights(tmp_path, args, ex
     heavy = {"torch", "safetensors", "diffusers", "transformers"}  # weights need these
     assert "obsdiff.config" in imported and not heavy & {m.split(".")[0] for m in imported}
     assert not (tmp_path / "layers.csv").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("args", [["pruner=nope"], ["model.no_such_key=1"]], ids=["option", "key"])
+def test_a_config_hydra_cannot_compose_exits_with_status_2(tmp_path, args):
+    """Hydra itself exits 1 for these; a config error is status 2 like every other refusal."""
+    cmd = [sys.executable, "-m", "obsdiff.cli", f"hydra.run.dir={tmp_path}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert args[0].split("=")[0].split(".")[-1] in proc.stdout + proc.stderr  # names what is wrong
