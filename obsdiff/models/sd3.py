@@ -22,6 +22,9 @@ from obsdiff.models.base import (
 from obsdiff.models.structure import HeadGroup, NeuronGroup, StructureUnit, slice_unit
 
 TINY_CONFIG = Path(__file__).with_name("tiny_sd3.json")
+# The random-weight tiny models, by model.path: SD3-Medium's layout, and SD3.5-Medium's (attn2 in
+# blocks 0-2 of 4, RMS q/k norms), both built deterministically from their JSON.
+TINY_CONFIGS = {"tiny": TINY_CONFIG, "tiny_sd35": Path(__file__).with_name("tiny_sd35.json")}
 
 # docs/METHOD.md §5: every linear layer of attention and FFN in a joint transformer block.
 SD3_TARGETS = (
@@ -70,6 +73,7 @@ class SD3Adapter(ModelAdapter):
         "sd3_medium": ("stabilityai/stable-diffusion-3-medium-diffusers", 8, 77 + 256),
         "sd35_large": ("stabilityai/stable-diffusion-3.5-large", 8, 77 + 256),
         "tiny": ("tiny", 2, 77),
+        "tiny_sd35": ("tiny_sd35", 2, 77),
     }
 
     def check_options(self) -> None:
@@ -84,8 +88,8 @@ class SD3Adapter(ModelAdapter):
     # -- config questions ------------------------------------------------------------------------
 
     def denoiser_config(self, model_cfg: Any) -> dict:
-        if model_cfg.path == "tiny":
-            return json.loads(TINY_CONFIG.read_text())["transformer"]
+        if model_cfg.path in TINY_CONFIGS:
+            return json.loads(TINY_CONFIGS[model_cfg.path].read_text())["transformer"]
         return super().denoiser_config(model_cfg)
 
     def num_blocks(self, config: Mapping) -> int:
@@ -108,10 +112,10 @@ class SD3Adapter(ModelAdapter):
 
     def load(self, model_cfg: Any) -> Any:
         device, dtype = resolve_device(model_cfg.device), torch_dtype(model_cfg.torch_dtype)
-        if model_cfg.path == "tiny":
+        if model_cfg.path in TINY_CONFIGS:
             from obsdiff.models.tiny_sd3 import build_tiny_sd3_pipeline
 
-            pipe = build_tiny_sd3_pipeline()
+            pipe = build_tiny_sd3_pipeline(TINY_CONFIGS[model_cfg.path])
             if dtype != torch.float32:
                 pipe = pipe.to(dtype=dtype)
         else:
