@@ -32,7 +32,11 @@ def library_versions() -> dict[str, str]:
 
 def config_hash(cfg: Any) -> str:
     """Short, stable hash of a (resolved) config."""
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    return _digest(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _digest(container: Any) -> str:
+    text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -69,5 +73,4 @@ def run_hash(cfg: Any) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
         container.pop(key, None)
-    text = json.dumps(container, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return _digest(container)

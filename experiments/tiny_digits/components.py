@@ -20,10 +20,10 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from obsdiff.models.digits_data import caption_corpus
-from obsdiff.models.tiny_sd3 import build_tokenizer
+from obsdiff.models.tiny_sd3 import build_tokenizer, clip_text_config
 
 LATENT_SIZE = 16
 # CLIP context length: the longest caption is 12 tokens with <|startoftext|> and <|endoftext|>; the
@@ -105,14 +105,7 @@ def new_transformer(seed: int) -> SD3Transformer2DModel:
 def new_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWithProjection:
     """A randomly initialised CLIP text encoder with the tokenizer's vocabulary and ids (seeded)."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        **TEXT_ENCODER_CONFIG,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config)
+    return CLIPTextModelWithProjection(clip_text_config(TEXT_ENCODER_CONFIG, tokenizer))
 
 
 def assemble(

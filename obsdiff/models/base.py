@@ -285,6 +285,13 @@ class ModelAdapter:
             self.remove_structure(denoiser, unit, removed)
 
 
+def check_max_sequence_length(options: Mapping[str, Any]) -> None:
+    """``model.options.max_sequence_length``: the T5 tokens a prompt is padded to (1-512)."""
+    msl = options["max_sequence_length"]
+    if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
+        raise ModelConfigError(f"model.options.max_sequence_length={msl!r}; allowed: an integer in [1, 512]")
+
+
 def table_units(
     denoiser: nn.Module, blocks: Sequence[int], table_of: Callable[[int], tuple], targets: Sequence[str]
 ) -> list[Unit]:

@@ -28,6 +28,7 @@ from obsdiff.models.base import (
     ModelAdapter,
     ModelConfigError,
     Unit,
+    check_max_sequence_length,
     not_available,
     random_inputs,
     resolve_device,
@@ -95,11 +96,8 @@ class FluxAdapter(ModelAdapter):
     }
 
     def check_options(self) -> None:
-        msl, true_cfg = self.options["max_sequence_length"], self.options["true_cfg_scale"]
-        if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
-            raise ModelConfigError(
-                f"model.options.max_sequence_length={msl!r}; allowed: an integer in [1, 512]"
-            )
+        check_max_sequence_length(self.options)
+        true_cfg = self.options["true_cfg_scale"]
         if not isinstance(true_cfg, int | float) or not 0 <= true_cfg < float("inf"):
             raise ModelConfigError(
                 f"model.options.true_cfg_scale={true_cfg!r}; allowed: a finite number >= 0"

@@ -13,6 +13,7 @@ from obsdiff.models.base import (
     ModelConfigError,
     ModelNotAvailableError,
     Unit,
+    check_max_sequence_length,
     not_available,
     random_inputs,
     resolve_device,
@@ -77,11 +78,8 @@ class SD3Adapter(ModelAdapter):
     }
 
     def check_options(self) -> None:
-        msl, te3 = self.options["max_sequence_length"], self.options["text_encoder_3"]
-        if not isinstance(msl, int) or isinstance(msl, bool) or not 1 <= msl <= 512:
-            raise ModelConfigError(
-                f"model.options.max_sequence_length={msl!r}; allowed: an integer in [1, 512]"
-            )
+        check_max_sequence_length(self.options)
+        te3 = self.options["text_encoder_3"]
         if te3 not in ("auto", None):
             raise ModelConfigError(f"model.options.text_encoder_3={te3!r}; allowed: auto, null (drops T5)")
 

@@ -29,7 +29,6 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
     T5Config,
@@ -37,7 +36,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from obsdiff.models.tiny_sd3 import build_tokenizer, tiny_vocabulary_words
+from obsdiff.models.tiny_sd3 import build_tokenizer, clip_text_config, tiny_vocabulary_words
 
 CONFIG_FILE = "tiny_flux.json"
 SECTIONS = {
@@ -122,14 +121,7 @@ def build_t5_tokenizer(words: Iterable[str], model_max_length: int) -> T5Tokeniz
 
 def new_clip_text_encoder(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """A random CLIP text encoder (no projection) sized by ``config``, with the tokenizer's ids."""
-    text_config = CLIPTextConfig(
-        **config,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(text_config)
+    return CLIPTextModel(clip_text_config(config, tokenizer))
 
 
 def new_t5_encoder(config: dict[str, Any], tokenizer: T5TokenizerFast) -> T5EncoderModel:

@@ -164,14 +164,18 @@ def tiny_vocabulary_words() -> list[str]:
 
 def _text_encoder(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
     """A random CLIP text encoder sized by ``config`` with the tokenizer's vocabulary and ids."""
-    text_config = CLIPTextConfig(
+    return CLIPTextModelWithProjection(clip_text_config(config, tokenizer)).eval()
+
+
+def clip_text_config(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A CLIP text config sized by ``config`` with the tokenizer's vocabulary size and special ids."""
+    return CLIPTextConfig(
         **config,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(text_config).eval()
 
 
 def build_tiny_sd3_pipeline(config_path: Path | None = None) -> StableDiffusion3Pipeline:
