@@ -23,6 +23,7 @@ from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
 from obsdiff.checkpoint import PackageCheckpoints
 from obsdiff.hessian import HessianAccumulator
+from obsdiff.layers import columns
 from obsdiff.models.base import ModelAdapter, slice_embeds
 from obsdiff.packages import split_packages
 from obsdiff.pruners.records import LayerRecord
@@ -213,6 +214,11 @@ def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
+# Layers of one block that read one input: at most 4 (Flux single blocks: q, k, v, proj_mlp); a
+# larger group is shared across blocks (the UNet / PixArt cross-attention K/V) and the plan says so.
+MAX_BLOCK_GROUP = 4
+
+
 @dataclass
 class PackagePlan:
     """What one package holds while it is calibrated."""
@@ -223,6 +229,7 @@ class PackagePlan:
     hessians: int  # distinct inputs: one fp32 Hessian each
     hessian_bytes: int
     device: str  # where the Hessians live (the layers' weight device)
+    shared: list[tuple[str, str, int]]  # model-wide input groups: (first layer, last layer, layers)
 
 
 def package_plan(denoiser: nn.Module, strategy: Strategy, packages: list[list[Any]]) -> list[PackagePlan]:
@@ -233,8 +240,9 @@ def package_plan(denoiser: nn.Module, strategy: Strategy, packages: list[list[An
         firsts = [denoiser.get_submodule(group[0]) for group in groups]
         plans.append(PackagePlan(
             package=k, units=len(package), layers=sum(len(g) for g in groups), hessians=len(groups),
-            hessian_bytes=sum(4 * m.in_features**2 for m in firsts),
+            hessian_bytes=sum(4 * columns(m) ** 2 for m in firsts),
             device=", ".join(sorted({str(m.weight.device) for m in firsts})),
+            shared=[(g[0], g[-1], len(g)) for g in groups if len(g) > MAX_BLOCK_GROUP],
         ))  # fmt: skip
     return plans
 
@@ -247,4 +255,9 @@ def format_plan(plans: list[PackagePlan]) -> str:
         lines.append(f"{p.package:>8} {p.units:>6} {p.layers:>7} {p.hessians:>9} {gb:>9.3f}  {p.device}")
     largest, total = max(p.hessian_bytes for p in plans), sum(p.hessian_bytes for p in plans)
     lines.append(f"largest package {largest / 1e9:.3f} GB of Hessians; all packages {total / 1e9:.3f} GB")
+    for p in plans:
+        for first, last, count in p.shared:
+            lines.append(
+                f"package {p.package}: one Hessian for {count} layers reading one input ({first} ... {last})"
+            )
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 ``capture_hessians`` registers one forward pre-hook per *input group* (layers that see the
 same input tensor, e.g. ``to_q/to_k/to_v``), so those layers share a single Hessian, and it
-removes every hook in ``finally``.
+removes every hook in ``finally``. A group may span blocks (the UNet's cross-attention K/V read
+the text embedding in every block): the hook sits on its first layer, which sees that tensor
+once per denoiser call. Conv2d inputs are unfolded (``obsdiff.layers``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from obsdiff.calibration.timesteps import StepTracker
 from obsdiff.hessian import HessianAccumulator
+from obsdiff.layers import columns, layer_input
 
 
 @contextmanager
@@ -40,14 +43,14 @@ def capture_hessians(
 
     def make_hook(acc: HessianAccumulator):
         def hook(module: nn.Module, args: tuple) -> None:
-            acc.add(args[0], tracker.alpha)
+            acc.add(layer_input(module, args[0]), tracker.alpha)
 
         return hook
 
     try:
         for group in input_groups:
             first = denoiser.get_submodule(group[0])
-            acc = HessianAccumulator(first.in_features, device or first.weight.device)
+            acc = HessianAccumulator(columns(first), device or first.weight.device)
             for name in group:
                 hessians[name] = acc
             handles.append(first.register_forward_pre_hook(make_hook(acc)))

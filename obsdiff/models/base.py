@@ -63,6 +63,7 @@ class ModelAdapter:
     family: str = ""
     denoiser_class: str = ""  # the diffusers class of the denoiser (``empty_denoiser`` builds it)
     default_targets: tuple[str, ...] = ()
+    optional_targets: tuple[str, ...] = ()  # allowed in ``pruner.targets``, not pruned by default
     default_options: Mapping[str, Any] = {}
     denoiser_subfolder = "transformer"
     # Embedded pipelines by the name ``model.path`` gives them, and shipped denoiser configs of
@@ -165,11 +166,10 @@ class ModelAdapter:
         bad_blocks = [b for b in (blocks or []) if not 0 <= b < num]
         if bad_blocks:
             raise ModelConfigError(f"pruner.blocks: {bad_blocks} out of range for a model with {num} blocks")
-        unknown = [t for t in targets if t not in self.default_targets]
+        allowed = self.default_targets + self.optional_targets
+        unknown = [t for t in targets if t not in allowed]
         if unknown:
-            raise ModelConfigError(
-                f"pruner.targets: unknown {unknown}; allowed: {list(self.default_targets)}"
-            )
+            raise ModelConfigError(f"pruner.targets: unknown {unknown}; allowed: {list(allowed)}")
         return self.target_widths(config, targets)
 
     def denoiser_calls(self, guidance_scale: float, config: Mapping) -> list[int]:
@@ -305,6 +305,8 @@ def table_units(
             kind of block (Flux single blocks: ``"single."``), else ``""``.
         targets: the wanted target names.
     """
+    from obsdiff.layers import is_prunable  # torch: only once a model is loaded
+
     wanted, modules = set(targets), dict(denoiser.named_modules())
     units: list[Unit] = []
     for b in blocks:
@@ -313,7 +315,7 @@ def table_units(
             groups = []
             for group in unit:
                 names = tuple(f"{prefix}.{n.removeprefix(tag)}" for n in group if n in wanted)
-                names = tuple(n for n in names if isinstance(modules.get(n), nn.Linear))
+                names = tuple(n for n in names if is_prunable(modules.get(n)))
                 if names:
                     groups.append(names)
             if groups:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from obsdiff.hessian import HessianAccumulator
+from obsdiff.layers import matrix
 from obsdiff.models.base import ModelAdapter, Unit
 from obsdiff.pruners.records import LayerRecord
 from obsdiff.solvers.obs import Pattern, SolveResult, reconstruction_error
@@ -64,7 +65,7 @@ class LayerwiseStrategy:
         self, denoiser: nn.Module, name: str, acc: HessianAccumulator, package: int
     ) -> LayerRecord:
         layer = denoiser.get_submodule(name)
-        W, H = layer.weight.data, acc.H
+        W, H = matrix(layer), acc.H  # a conv as its unfolded (out, in·kh·kw) matrix, a view
         t0 = time.perf_counter()
         result = self.solver(W, H, self.pattern, layer=name, moments=acc.moments())
         seconds = time.perf_counter() - t0
