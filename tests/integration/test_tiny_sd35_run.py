@@ -37,3 +37,12 @@ def test_structured_removes_attn2_heads_and_the_artifact_rebuilds(compose_cfg, t
     reloaded = run(compose_cfg(*SMALL, f"artifact={out / 'pruned'}"), again)
     assert (again / "samples.png").read_bytes() == (out / "samples.png").read_bytes()
     assert reloaded["eval/fid"] == metrics["eval/fid"]
+
+
+def test_two_of_four_through_the_cli(cli, tmp_path):
+    out = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith("eval.")]
+    proc = cli([*small, "sparsity=nm", "eval=none", f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prune/pattern"] == "2:4" and abs(metrics["prune/sparsity_achieved"] - 0.5) < 1e-6

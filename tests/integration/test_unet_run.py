@@ -57,9 +57,10 @@ def test_structured_removes_heads_and_geglu_neurons_and_reloads(compose_cfg, tmp
     assert reloaded["eval/fid"] == metrics["eval/fid"]
 
 
-def test_structured_l1_norm_baseline(compose_cfg, tmp_path):
+@pytest.mark.parametrize("model", UNETS)
+def test_structured_l1_norm_baseline(compose_cfg, tmp_path, model):
     metrics = run(
-        compose_cfg("model=tiny_sdxl", *SMALL, "eval=none", "sparsity=structured", "pruner=l1_norm"), tmp_path
+        compose_cfg(f"model={model}", *SMALL, "eval=none", "sparsity=structured", "pruner=l1_norm"), tmp_path
     )
     assert metrics["prune/mask"] == "l1"
 
@@ -79,3 +80,13 @@ def test_proj_in_and_proj_out_are_optional_targets(compose_cfg, tmp_path):
     names = set(layers(tmp_path))
     assert "down_blocks.1.attentions.0.proj_in" in names and "up_blocks.0.attentions.2.proj_out" in names
     assert not any(n.endswith("attn1.to_k") for n in names)
+
+
+@pytest.mark.parametrize("model", UNETS)
+def test_obsdiff_model_through_the_cli(cli, tmp_path, model):
+    out = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith("eval.")]
+    proc = cli([f"model={model}", *small, "sparsity=nm", "eval=none", f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prune/pattern"] == "2:4" and abs(metrics["prune/sparsity_achieved"] - 0.5) < 1e-6
