@@ -121,6 +121,9 @@ def _resolve(cfg: DictConfig) -> RunSpec:
 
     model = cfg.model
     adapter = get_adapter(model.family, OmegaConf.to_container(model.options, resolve=True))
+    if cfg.sparsity.kind == "structured" and not adapter.supports_structured:
+        msg = f"the {model.family} adapter prunes unstructured and N:M only"
+        raise ConfigError(f"sparsity=structured needs a family adapter; {msg}")
     config = adapter.denoiser_config(model)
     check_resolutions(cfg, adapter.resolution_grid(model, config))
     sp, pr = cfg.sparsity, cfg.pruner

@@ -64,6 +64,7 @@ class ModelAdapter:
     denoiser_class: str = ""  # the diffusers class of the denoiser (``empty_denoiser`` builds it)
     default_targets: tuple[str, ...] = ()
     optional_targets: tuple[str, ...] = ()  # allowed in ``pruner.targets``, not pruned by default
+    supports_structured = True  # head / neuron groups (``structure_units``); refused before loading if not
     default_options: Mapping[str, Any] = {}
     denoiser_subfolder = "transformer"
     # Embedded pipelines by the name ``model.path`` gives them, and shipped denoiser configs of
