@@ -66,3 +66,9 @@ def test_generic_prunes_tiny_sd3_exactly_as_the_sd3_adapter(compose_cfg, tmp_pat
     ours, theirs = load_file(str(tmp_path / "sd3" / WEIGHTS)), load_file(str(tmp_path / "generic" / WEIGHTS))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # bit for bit
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt", "dsnot"])
+def test_every_layerwise_baseline_runs_on_tiny_generic(compose_cfg, tmp_path, pruner):
+    metrics = run(compose_cfg("model=tiny_generic", f"pruner={pruner}", *SMALL), tmp_path)
+    assert metrics["prune/method"] == pruner and abs(metrics["prune/sparsity_achieved"] - 0.5) < 0.01
