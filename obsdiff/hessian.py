@@ -58,3 +58,19 @@ class HessianAccumulator:
         per_token_mean = self.col_sum / self.tokens
         var = (per_token_sq - per_token_mean**2).clamp_min(0)
         return self.col_sum.float(), var.float()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+        """Tensors and scalars that rebuild this accumulator exactly (:meth:`from_state`)."""
+        scalars = {"weight_sum": self.weight_sum, "tokens": self.tokens, "num_calls": self.num_calls}
+        return {"H": self.H, "col_sum": self.col_sum}, scalars
+
+    @classmethod
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], scalars: dict, device: torch.device | str = "cpu"
+    ) -> HessianAccumulator:
+        """The accumulator :meth:`state` described, bit for bit, on ``device``."""
+        acc = cls.__new__(cls)
+        acc.H, acc.col_sum = tensors["H"].to(device), tensors["col_sum"].to(device)
+        acc.weight_sum, acc.tokens = float(scalars["weight_sum"]), int(scalars["tokens"])
+        acc.num_calls = int(scalars["num_calls"])
+        return acc

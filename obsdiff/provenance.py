@@ -61,7 +61,7 @@ def files_fingerprint(*locations: str | Path) -> str:
 
 
 # Fields that change how a run is carried out or recorded, never what it computes.
-NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric")
+NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric", "pruner.hessian_cache")
 
 
 def run_hash(cfg: Any) -> str:
@@ -72,5 +72,9 @@ def run_hash(cfg: Any) -> str:
     """
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_HASHED:
-        container.pop(key, None)
+        *parents, leaf = key.split(".")
+        node = container
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(leaf, None)
     return _digest(container)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from obsdiff import faults
 from obsdiff.calibration.capture import capture_hessians
+from obsdiff.calibration.hessian_cache import HessianCache
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
 from obsdiff.checkpoint import PackageCheckpoints
@@ -140,6 +141,7 @@ def prune_groupwise(
     num_packages: int,
     on_package_done: Callable[[list[LayerRecord]], None] | None = None,
     checkpoints: PackageCheckpoints | None = None,
+    hessian_cache: HessianCache | None = None,
 ) -> list[LayerRecord]:
     """Prune the denoiser in place, package by package.
 
@@ -150,7 +152,9 @@ def prune_groupwise(
        reshape the model → free the package's Hessians → checkpoint it → report its records.
 
     Package ``k`` is calibrated on the model in which packages ``< k`` are already pruned; inside
-    a package every layer sees dense upstream activations.
+    a package every layer sees dense upstream activations. With ``hessian_cache`` the first
+    package's Hessians (dense model) are read from it when a run with the same model and
+    calibration stored them, else calibrated and stored.
 
     Raises:
         NonFiniteError: A Hessian or a pruned weight is not finite (names the layer).
@@ -183,8 +187,19 @@ def prune_groupwise(
             package, label, start = packages[k], f"package {k + 1}/{len(packages)}", time.perf_counter()
             progress.set_postfix_str(label)
             groups = [group for unit in package for group in strategy.input_groups(unit)]
-            with capture_hessians(denoiser, groups, tracker) as hessians:
-                calibrate(adapter, pipe, calib, tracker, progress, stage=f"calibrate:{k}")
+
+            def capture(k: int = k, groups: list = groups) -> dict[str, HessianAccumulator]:
+                with capture_hessians(denoiser, groups, tracker) as hessians:
+                    calibrate(adapter, pipe, calib, tracker, progress, stage=f"calibrate:{k}")
+                return hessians
+
+            if k == 0 and hessian_cache is not None:
+                devices = [denoiser.get_submodule(group[0]).weight.device for group in groups]
+                hessians, cached = hessian_cache.get(groups, calib, devices, capture)
+                if cached:
+                    progress.update(len(calib.seeds) * calib.num_steps)
+            else:
+                hessians = capture()
             _check_finite("Hessian", {name: acc.H for name, acc in hessians.items()})
             package_records = []
             for u, unit in enumerate(package):

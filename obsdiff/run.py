@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from obsdiff import faults
 from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned, write_model_card
+from obsdiff.calibration.hessian_cache import HessianCache
 from obsdiff.checkpoint import PackageCheckpoints
 from obsdiff.config import ConfigError, RunSpec, check_fields, resolve
 from obsdiff.evaluation.cost import denoiser_cost
@@ -181,8 +182,9 @@ def _prune(
         _write_layers(run_dir / "layers.csv", done)
 
     start, extra = time.perf_counter(), {}
+    cache = _hessian_cache(cfg, adapter)
     records = prune_groupwise(
-        adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints
+        adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints, cache
     )  # fmt: skip
     seconds = time.perf_counter() - start
     if spec.structured:
@@ -208,6 +210,19 @@ def _prune(
         log.info("pruned model saved to %s", saved)
         faults.reached("save")
     return [list(dataclasses.astuple(r)) for r in records]
+
+
+def _hessian_cache(cfg: DictConfig, adapter: ModelAdapter) -> HessianCache | None:
+    """``pruner.hessian_cache``: keyed on the denoiser's files, the model config and the library
+    versions (as the dense-image cache); the cache adds the calibration and the groups."""
+    if cfg.pruner.hessian_cache is None:
+        return None
+    from obsdiff.provenance import config_hash, files_fingerprint
+
+    files = files_fingerprint(adapter.weights_location(cfg.model))
+    model = {k: v for k, v in cfg.model.items() if k != "sampler"}  # the calibration is keyed by the cache
+    key = config_hash(OmegaConf.create({"model": model, "versions": library_versions(), "files": files}))
+    return HessianCache(cfg.pruner.hessian_cache, key)
 
 
 def _strategy(spec: RunSpec, pattern: Any) -> LayerwiseStrategy | StructuredStrategy:

@@ -107,6 +107,7 @@ class PrunerConfig:
     compensate: bool = True  # false = update=none (the "no OBS update" ablation)
     dsnot: DsnotConfig = field(default_factory=DsnotConfig)
     targets: list[str] | None = None  # null = the model family's default targets
+    hessian_cache: str | None = None  # a folder: reuse package 1's Hessians across runs (opt-in)
 
 
 @dataclass
