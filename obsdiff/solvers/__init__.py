@@ -37,7 +37,8 @@ def __getattr__(name: str) -> Any:
 def _obs_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
     from obsdiff.solvers.obs import obs_solve
 
-    return obs_solve(W, H, pattern, options["damp_frac"], options["block_size"], layer).mask
+    return obs_solve(W, H, pattern, options["damp_frac"], options["block_size"], layer,
+                     factor=options.get("factor")).mask  # fmt: skip
 
 
 def _magnitude_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
@@ -62,7 +63,8 @@ def _dsnot_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
 def _obs_update(W, H, pattern, mask, layer, options) -> SolveResult:
     from obsdiff.solvers.obs import obs_solve
 
-    return obs_solve(W, H, pattern, options["damp_frac"], options["block_size"], layer, mask=mask)
+    return obs_solve(W, H, pattern, options["damp_frac"], options["block_size"], layer, mask=mask,
+                     factor=options.get("factor"))  # fmt: skip
 
 
 def _no_update(W, H, pattern, mask, layer, options) -> SolveResult:
@@ -100,7 +102,10 @@ def layer_solver(
     block_size: int = 128,
     dsnot: dict[str, Any] | None = None,
 ) -> Callable[..., SolveResult]:
-    """``(W, H, pattern, *, layer, moments) -> SolveResult`` for a mask method and an update.
+    """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
+
+    ``solve.factorize(H, layer=...)`` gives the damped inverse-Cholesky factor its OBS steps use,
+    once for all layers of an input group (bit for bit what each solve would compute).
 
     Args:
         mask: one of ``MASK_METHODS``.
@@ -112,14 +117,23 @@ def layer_solver(
     choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
     options = {"damp_frac": damp_frac, "block_size": block_size, "dsnot": dict(dsnot or {})}
 
-    def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None) -> SolveResult:
+    def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None, factor=None) -> SolveResult:
         if mask == "obs" and update == "obs":
             from obsdiff.solvers.obs import obs_solve
 
-            return obs_solve(W, H, pattern, damp_frac, block_size, layer)
-        chosen = choose(W, H, pattern, layer, moments, options)
-        return compensate(W, H, pattern, chosen, layer, options)
+            return obs_solve(W, H, pattern, damp_frac, block_size, layer, factor=factor)
+        chosen = choose(W, H, pattern, layer, moments, options | {"factor": factor})
+        return compensate(W, H, pattern, chosen, layer, options | {"factor": factor})
 
+    def factorize(H, *, layer: str = ""):
+        """The damped factor of ``H`` that every OBS step of this method reuses (``None``: no OBS step)."""
+        if "obs" not in (mask, update):
+            return None
+        from obsdiff.solvers.obs import factorize as factor_of
+
+        return factor_of(H, damp_frac, layer)
+
+    solve.factorize = factorize  # layers of one input group share the factor (LayerwiseStrategy)
     return solve
 
 

@@ -107,6 +107,35 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
     )
 
 
+@dataclass(frozen=True)
+class Factor:
+    """What a solve needs from ``H`` alone: computed once per input group, shared by its layers.
+
+    Args:
+        Hinv: upper Cholesky factor of the damped ``H⁻¹`` (dead columns fixed first).
+        dead: ``diag(H) == 0``: inputs that never fire (their weights are zeroed).
+        damp: absolute damping added to ``diag(H)``.
+        damp_frac: relative damping that succeeded.
+    """
+
+    Hinv: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+    damp_frac: float
+
+
+def factorize(
+    H: torch.Tensor, damp_frac: float = 0.01, layer: str = "", device: torch.device | None = None
+) -> Factor:
+    """Fix dead columns, damp and factorise ``H`` (not modified): the part of :func:`obs_solve`
+    that depends on ``H`` only, so layers reading one input share it bit for bit."""
+    H = H.detach().clone().float().to(device if device is not None else H.device)
+    dead = torch.diag(H) == 0  # dead inputs: H_jj = 1 (and W[:, j] = 0 in the solve)
+    H[dead, dead] = 1
+    Hinv, damp, used_frac = inverse_cholesky(H, damp_frac, layer)
+    return Factor(Hinv, dead, damp, used_frac)
+
+
 def _block_mask(W1: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Unstructured mask of one column block, chosen over all rows at once (reference rule)."""
     tmp = W1**2 / d.reshape(1, -1) ** 2  # (rows, count) saliency w² / U_qq²
@@ -129,6 +158,7 @@ def obs_solve(
     layer: str = "",
     *,
     mask: torch.Tensor | None = None,
+    factor: Factor | None = None,
 ) -> SolveResult:
     """Prune one linear layer with OBS (docs/METHOD.md §1).
 
@@ -142,6 +172,8 @@ def obs_solve(
         mask: optional fixed (rows, cols) mask, ``True`` = remove (e.g. from magnitude or Wanda):
             selection is skipped and only the OBS compensation runs; ``pattern`` is then only
             reported.
+        factor: ``factorize(H, damp_frac)`` computed once for every layer of an input group
+            (the same numbers as computing it here).
 
     Returns:
         The pruned weight (input dtype), mask, damping used and OBS loss.
@@ -156,14 +188,10 @@ def obs_solve(
         raise ValueError(f"{layer}: mask shape {tuple(mask.shape)} != weight shape {tuple(W.shape)}")
     fixed_mask = None if mask is None else mask.to(W.device, torch.bool)
     W = W.detach().clone().float()
-    H = H.detach().clone().float().to(W.device)
-
-    # Dead inputs: diag(H) == 0 → H_jj = 1, W[:, j] = 0.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    Hinv, damp, used_frac = inverse_cholesky(H, damp_frac, layer)  # upper chol(H⁻¹)
+    if factor is None:
+        factor = factorize(H, damp_frac, layer, device=W.device)
+    Hinv, damp, used_frac = factor.Hinv.to(W.device), factor.damp, factor.damp_frac  # upper chol(H⁻¹)
+    W[:, factor.dead.to(W.device)] = 0  # dead inputs
 
     mask = torch.zeros_like(W, dtype=torch.bool)
     Losses = torch.zeros(rows, device=W.device)

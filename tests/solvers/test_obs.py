@@ -127,3 +127,49 @@ def test_reconstruction_error_is_relative():
     W, H, _ = correlated(4, 8)
     assert reconstruction_error(W, W, H) == 0
     assert reconstruction_error(W, torch.zeros_like(W), H) == pytest.approx(1.0)
+
+
+def test_a_shared_factor_gives_each_layer_of_a_group_its_own_solve_bit_for_bit():
+    from obsdiff.solvers import layer_solver
+    from obsdiff.solvers.obs import factorize
+
+    torch.manual_seed(0)
+    X = torch.randn(512, 96)
+    X[:, 5] = 0  # a dead input
+    H = 2 * X.T @ X / 512
+    layers = [torch.randn(64, 96) for _ in range(3)]  # q, k, v on one input
+    for pattern in (Pattern("unstructured", 0.5), Pattern("nm", n=2, m=4)):
+        factor = factorize(H, 0.01)
+        for W in layers:
+            alone, shared = (
+                obs_solve(W, H, pattern, 0.01, 32),
+                obs_solve(W, H, pattern, 0.01, 32, factor=factor),
+            )
+            assert torch.equal(alone.weight, shared.weight) and torch.equal(alone.mask, shared.mask)
+            assert (alone.damp, alone.damp_frac) == (shared.damp, shared.damp_frac)
+    for mask, update in [("obs", "obs"), ("wanda", "obs"), ("obs", "none")]:
+        solve = layer_solver(mask, update, block_size=32)
+        factor = solve.factorize(H)
+        for W in layers:
+            a = solve(W, H, Pattern("unstructured", 0.5))
+            b = solve(W, H, Pattern("unstructured", 0.5), factor=factor)
+            assert torch.equal(a.weight, b.weight)
+    assert layer_solver("magnitude", "none").factorize(H) is None  # no OBS step: nothing to share
+
+
+def test_the_strategy_factorises_each_input_group_once():
+    from obsdiff.hessian import HessianAccumulator
+    from obsdiff.pruners.layerwise import LayerwiseStrategy
+    from obsdiff.solvers import layer_solver
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(32, 16) for n in ("q", "k", "v", "o")})
+    solve, calls = layer_solver("obs", "obs", block_size=16), []
+    factorize = solve.factorize
+    solve.factorize = lambda H, layer="": calls.append(layer) or factorize(H, layer=layer)
+    qkv, o = HessianAccumulator(32), HessianAccumulator(32)
+    qkv.add(torch.randn(4, 10, 32), 1.0), o.add(torch.randn(4, 10, 32), 1.0)
+    hessians = {"q": qkv, "k": qkv, "v": qkv, "o": o}
+    strategy = LayerwiseStrategy(solve, Pattern("unstructured", 0.5), ["q", "k", "v", "o"])
+    records = strategy.prune_unit(model, [("q", "k", "v"), ("o",)], hessians, 0)
+    assert calls == ["q", "o"] and [r.name for r in records] == ["q", "k", "v", "o"]
