@@ -62,13 +62,25 @@ class TimedSolver:
         self.solver, self.device, self.seconds = solver, device, 0.0
 
     def __call__(self, W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, layer: str = "",
-                 moments: Any = None) -> SolveResult:  # fmt: skip
+                 moments: Any = None, **kwargs: Any) -> SolveResult:  # fmt: skip
         sync(self.device)
         t0 = time.perf_counter()
-        result = self.solver(W, H, pattern, layer=layer, moments=moments)
+        result = self.solver(W, H, pattern, layer=layer, moments=moments, **kwargs)
         sync(self.device)
         self.seconds += time.perf_counter() - t0
         return result
+
+    def factorize(self, H: torch.Tensor, *, layer: str = "") -> Any:
+        """The wrapped solver's per-group factor (timed with the solves), if it has one."""
+        factorize = getattr(self.solver, "factorize", None)
+        if factorize is None:
+            return None
+        sync(self.device)
+        t0 = time.perf_counter()
+        factor = factorize(H, layer=layer)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return factor
 
 
 class TimedSD3Adapter(SD3Adapter):
