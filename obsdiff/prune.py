@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -133,6 +134,18 @@ def calibrate(
             raise RuntimeError(f"sampler ran {tracker.step} steps, expected {calib.num_steps}")
 
 
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matmuls without TF32 (or bf16 passes) while Hessians accumulate and solves run, as the
+    reference code does, whatever precision the user or a library set; restored afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def prune_groupwise(
     adapter: ModelAdapter,
     pipe: Any,
@@ -156,12 +169,29 @@ def prune_groupwise(
     package's Hessians (dense model) are read from it when a run with the same model and
     calibration stored them, else calibrated and stored.
 
+    fp32 matmuls run at full precision throughout (:func:`exact_fp32`: no TF32).
+
     Raises:
         NonFiniteError: A Hessian or a pruned weight is not finite (names the layer).
 
     Returns:
         One record per pruned layer.
     """
+    with exact_fp32():
+        return _prune_groupwise(adapter, pipe, calib, strategy, num_packages, on_package_done, checkpoints,
+                                hessian_cache)  # fmt: skip
+
+
+def _prune_groupwise(
+    adapter: ModelAdapter,
+    pipe: Any,
+    calib: Calibration,
+    strategy: Strategy,
+    num_packages: int,
+    on_package_done: Callable[[list[LayerRecord]], None] | None,
+    checkpoints: PackageCheckpoints | None,
+    hessian_cache: HessianCache | None,
+) -> list[LayerRecord]:
     denoiser: nn.Module = adapter.denoiser(pipe)
     packages = split_packages(strategy.units(adapter, denoiser), num_packages)
     if not packages:

@@ -151,3 +151,22 @@ def test_a_nan_in_the_model_stops_pruning_naming_the_layer(tiny_pipe):
     with pytest.raises(prune_mod.NonFiniteError, match=message):
         prune_groupwise(adapter, pipe, make_calib(adapter, pipe), strategy, 1)
     assert torch.equal(pipe.transformer.transformer_blocks[1].attn.to_q.weight, before)  # nothing solved
+
+
+def test_pruning_runs_at_full_fp32_precision_and_restores_the_setting(tiny_pipe, monkeypatch):
+    adapter, pipe = tiny_pipe
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a: seen.append(torch.get_float32_matmul_precision())
+    )
+    torch.set_float32_matmul_precision("medium")  # e.g. a user's TF32 setting
+    try:
+        calib = make_calib(adapter, pipe, steps=2)
+        prune_groupwise(
+            adapter, pipe, calib, obs_strategy(Pattern("unstructured", 0.5), ["attn.to_q"], [0]), 1
+        )
+        assert seen and set(seen) == {"highest"}  # calibration (and the solves) without TF32
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        hook.remove()
