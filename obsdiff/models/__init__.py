@@ -12,6 +12,7 @@ from obsdiff.models.base import ModelAdapter, ModelConfigError, ModelNotAvailabl
 ADAPTERS: dict[str, str] = {
     "sd3": "obsdiff.models.sd3:SD3Adapter",
     "flux": "obsdiff.models.flux:FluxAdapter",
+    "pixart": "obsdiff.models.pixart:PixArtAdapter",
     "generic": "obsdiff.models.generic:GenericAdapter",
     "sdxl": "obsdiff.models.unet:SDXLAdapter",
     "sd21": "obsdiff.models.unet:SD21Adapter",
