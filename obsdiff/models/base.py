@@ -324,6 +324,21 @@ def table_units(
     return units
 
 
+def encode_in_batches(
+    prompts: list[str], batch_size: int, encode: Callable[[list[str]], Mapping[str, Any]]
+) -> dict:
+    """Encode ``prompts`` ``batch_size`` at a time: ``encode(chunk)`` gives named tensors (``None``
+    ones are dropped), kept on the CPU and concatenated along dim 0 (one row per prompt)."""
+    parts: dict[str, list] = {}
+    for start in range(0, len(prompts), batch_size):
+        with torch.no_grad():
+            out = encode(prompts[start : start + batch_size])
+        for key, value in out.items():
+            if value is not None:
+                parts.setdefault(key, []).append(value.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def random_inputs(reference: Any, generator: Any) -> Any:
     """``rand(*shape)``: random values on ``reference``'s device and dtype (``meta``: empty)."""
 

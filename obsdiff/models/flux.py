@@ -29,6 +29,7 @@ from obsdiff.models.base import (
     ModelConfigError,
     Unit,
     check_max_sequence_length,
+    encode_in_batches,
     not_available,
     random_inputs,
     resolve_device,
@@ -168,9 +169,8 @@ class FluxAdapter(ModelAdapter):
         config = pipe.transformer.config
         true_cfg = self._true_cfg(guidance_scale, config) > 1
         device = pipe.text_encoder.device
-        parts: dict[str, list] = {}
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+
+        def encode(chunk: list[str]) -> dict:
             out = dict(
                 zip(("prompt_embeds", "pooled_prompt_embeds"), self._encode(pipe, chunk, device), strict=True)
             )
@@ -179,9 +179,9 @@ class FluxAdapter(ModelAdapter):
                 out |= dict(
                     zip(("negative_prompt_embeds", "negative_pooled_prompt_embeds"), neg, strict=True)
                 )
-            for key, value in out.items():
-                parts.setdefault(key, []).append(value.cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
+            return out
+
+        return encode_in_batches(prompts, batch_size, encode)
 
     def _encode(self, pipe: Any, prompts: list[str], device: Any) -> tuple:
         with torch.no_grad():

@@ -32,6 +32,7 @@ from obsdiff.models.base import (
     ModelAdapter,
     Unit,
     check_max_sequence_length,
+    encode_in_batches,
     not_available,
     random_inputs,
     resolve_device,
@@ -119,29 +120,23 @@ class PixArtAdapter(ModelAdapter):
         return basic_block.basic_units(denoiser, [f"{BLOCKS}.{b}" for b in indices], targets)
 
     def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
-        device = pipe.text_encoder.device
-        parts: dict[str, list] = {}
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            with torch.no_grad():
-                pe, mask, npe, nmask = pipe.encode_prompt(
-                    prompt=chunk,
-                    do_classifier_free_guidance=guidance_scale > 1,
-                    negative_prompt="",
-                    device=device,
-                    clean_caption=False,
-                    max_sequence_length=self.options["max_sequence_length"],
-                )
-            out = {
+        def encode(chunk: list[str]) -> dict:
+            pe, mask, npe, nmask = pipe.encode_prompt(
+                prompt=chunk,
+                do_classifier_free_guidance=guidance_scale > 1,
+                negative_prompt="",
+                device=pipe.text_encoder.device,
+                clean_caption=False,
+                max_sequence_length=self.options["max_sequence_length"],
+            )
+            return {
                 "prompt_embeds": pe,
                 "prompt_attention_mask": mask,
                 "negative_prompt_embeds": npe,
                 "negative_prompt_attention_mask": nmask,
             }
-            for key, value in out.items():
-                if value is not None:
-                    parts.setdefault(key, []).append(value.cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
+
+        return encode_in_batches(prompts, batch_size, encode)
 
     def denoise(
         self,

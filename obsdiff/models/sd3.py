@@ -14,6 +14,7 @@ from obsdiff.models.base import (
     ModelNotAvailableError,
     Unit,
     check_max_sequence_length,
+    encode_in_batches,
     not_available,
     random_inputs,
     resolve_device,
@@ -134,30 +135,23 @@ class SD3Adapter(ModelAdapter):
         return table_units(denoiser, indices, lambda b: (f"transformer_blocks.{b}", SD3_UNITS, ""), targets)
 
     def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
-        do_cfg = guidance_scale > 1
-        device = pipe.text_encoder.device
-        parts: dict[str, list] = {}
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            with torch.no_grad():
-                pe, npe, ppe, nppe = pipe.encode_prompt(
-                    prompt=chunk,
-                    prompt_2=None,
-                    prompt_3=None,
-                    device=device,
-                    do_classifier_free_guidance=do_cfg,
-                    max_sequence_length=self.options["max_sequence_length"],
-                )
-            out = {
+        def encode(chunk: list[str]) -> dict:
+            pe, npe, ppe, nppe = pipe.encode_prompt(
+                prompt=chunk,
+                prompt_2=None,
+                prompt_3=None,
+                device=pipe.text_encoder.device,
+                do_classifier_free_guidance=guidance_scale > 1,
+                max_sequence_length=self.options["max_sequence_length"],
+            )
+            return {
                 "prompt_embeds": pe,
                 "pooled_prompt_embeds": ppe,
                 "negative_prompt_embeds": npe,
                 "negative_pooled_prompt_embeds": nppe,
             }
-            for key, value in out.items():
-                if value is not None:
-                    parts.setdefault(key, []).append(value.cpu())
-        return {k: torch.cat(v) for k, v in parts.items()}
+
+        return encode_in_batches(prompts, batch_size, encode)
 
     def text_tokens(self, pipe: Any) -> int:
         # CLIP tokens + T5 tokens (zeros when T5 is dropped, still attended to).

@@ -26,6 +26,7 @@ from obsdiff.models import basic_block
 from obsdiff.models.base import (
     ModelAdapter,
     Unit,
+    encode_in_batches,
     not_available,
     random_inputs,
     resolve_device,
@@ -257,18 +258,18 @@ class SDXLAdapter(UNetAdapter):
         return {"add_watermarker": False}  # invisible-watermark is not a dependency; latents only
 
     def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
-        keys = (
-            "prompt_embeds",
-            "negative_prompt_embeds",
-            "pooled_prompt_embeds",
-            "negative_pooled_prompt_embeds",
-        )
-        return _encode_batches(
-            prompts, batch_size, keys,
-            lambda chunk: pipe.encode_prompt(
+        def encode(chunk: list[str]) -> dict:
+            pe, npe, ppe, nppe = pipe.encode_prompt(
                 prompt=chunk, device=pipe.text_encoder.device, do_classifier_free_guidance=guidance_scale > 1
-            ),
-        )  # fmt: skip
+            )
+            return {
+                "prompt_embeds": pe,
+                "negative_prompt_embeds": npe,
+                "pooled_prompt_embeds": ppe,
+                "negative_pooled_prompt_embeds": nppe,
+            }
+
+        return encode_in_batches(prompts, batch_size, encode)
 
 
 class SD21Adapter(UNetAdapter):
@@ -287,21 +288,10 @@ class SD21Adapter(UNetAdapter):
         return {"safety_checker": None, "requires_safety_checker": False}  # latents only: nothing to check
 
     def encode(self, pipe: Any, prompts: list[str], guidance_scale: float, batch_size: int) -> dict:
-        return _encode_batches(
-            prompts, batch_size, ("prompt_embeds", "negative_prompt_embeds"),
-            lambda chunk: pipe.encode_prompt(
+        def encode(chunk: list[str]) -> dict:
+            pe, npe = pipe.encode_prompt(
                 chunk, pipe.text_encoder.device, 1, do_classifier_free_guidance=guidance_scale > 1
-            ),
-        )  # fmt: skip
+            )
+            return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
 
-
-def _encode_batches(prompts: list[str], batch_size: int, keys: tuple[str, ...], encode: Any) -> dict:
-    """Encode ``prompts`` in chunks; the named outputs (``None`` dropped) on the CPU, cat along dim 0."""
-    parts: dict[str, list] = {}
-    for start in range(0, len(prompts), batch_size):
-        with torch.no_grad():
-            out = encode(prompts[start : start + batch_size])
-        for key, value in zip(keys, out, strict=True):
-            if value is not None:
-                parts.setdefault(key, []).append(value.cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
+        return encode_in_batches(prompts, batch_size, encode)
