@@ -16,12 +16,10 @@ but is slow.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import tempfile
 from collections.abc import Iterable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from obsdiff.models.tiny_sd3 import build_tokenizer, clip_text_config, tiny_vocabulary_words
+from obsdiff.models.tiny_sd3 import build_tokenizer, clip_text_config, read_tiny_config, tiny_vocabulary_words
 
 CONFIG_FILE = "tiny_flux.json"
 SECTIONS = {
@@ -62,15 +60,7 @@ def load_tiny_flux_config(config_path: Path | None = None) -> dict[str, Any]:
         The config with sections ``transformer``, ``vae``, ``text_encoder`` (CLIP),
         ``text_encoder_2`` (T5), ``scheduler``, ``seed`` and ``max_sequence_length``.
     """
-    if config_path is None:
-        text = resources.files(__package__).joinpath(CONFIG_FILE).read_text(encoding="utf-8")
-    else:
-        text = Path(config_path).read_text(encoding="utf-8")
-    config = json.loads(text)
-    missing = SECTIONS - set(config)
-    if missing:
-        raise ValueError(f"tiny Flux config {config_path or CONFIG_FILE} lacks sections {sorted(missing)}")
-    return config
+    return read_tiny_config(CONFIG_FILE, config_path, SECTIONS, "Flux")
 
 
 def _unigram_vocabulary(words: Iterable[str]) -> list[tuple[str, float]]:

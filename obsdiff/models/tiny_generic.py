@@ -15,8 +15,6 @@ instruction prepends about 200 words to every prompt); ``conf/model/tiny_generic
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeli
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
 
-from obsdiff.models.tiny_sd3 import tiny_vocabulary_words
+from obsdiff.models.tiny_sd3 import read_tiny_config, tiny_vocabulary_words
 
 CONFIG_FILE = "tiny_generic.json"
 SECTIONS = {"seed", "pipeline", "max_sequence_length", "transformer", "vae", "text_encoder", "scheduler"}
@@ -38,15 +36,7 @@ def load_tiny_generic_config(config_path: Path | None = None) -> dict[str, Any]:
     Args:
         config_path: Optional path to a JSON file with the same sections.
     """
-    if config_path is None:
-        text = resources.files(__package__).joinpath(CONFIG_FILE).read_text(encoding="utf-8")
-    else:
-        text = Path(config_path).read_text(encoding="utf-8")
-    config = json.loads(text)
-    missing = SECTIONS - set(config)
-    if missing:
-        raise ValueError(f"tiny generic config {config_path or CONFIG_FILE} lacks sections {sorted(missing)}")
-    return config
+    return read_tiny_config(CONFIG_FILE, config_path, SECTIONS, "generic")
 
 
 def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

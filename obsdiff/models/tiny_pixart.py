@@ -15,8 +15,6 @@ slow.
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from diffusers import (
 )
 
 from obsdiff.models.tiny_flux import build_t5_tokenizer, new_t5_encoder
-from obsdiff.models.tiny_sd3 import tiny_vocabulary_words
+from obsdiff.models.tiny_sd3 import read_tiny_config, tiny_vocabulary_words
 
 CONFIG_FILE = "tiny_pixart.json"
 SECTIONS = {"transformer", "vae", "text_encoder", "scheduler", "seed", "max_sequence_length"}
@@ -45,15 +43,7 @@ def load_tiny_pixart_config(config_path: Path | None = None) -> dict[str, Any]:
         The config with sections ``transformer``, ``vae``, ``text_encoder`` (T5), ``scheduler``,
         ``seed`` and ``max_sequence_length``.
     """
-    if config_path is None:
-        text = resources.files(__package__).joinpath(CONFIG_FILE).read_text(encoding="utf-8")
-    else:
-        text = Path(config_path).read_text(encoding="utf-8")
-    config = json.loads(text)
-    missing = SECTIONS - set(config)
-    if missing:
-        raise ValueError(f"tiny PixArt config {config_path or CONFIG_FILE} lacks sections {sorted(missing)}")
-    return config
+    return read_tiny_config(CONFIG_FILE, config_path, SECTIONS, "PixArt")
 
 
 def build_tiny_pixart_pipeline(config_path: Path | None = None) -> PixArtSigmaPipeline:

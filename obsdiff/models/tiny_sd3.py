@@ -50,6 +50,25 @@ EXTRA_WORDS = (
 ).split()
 
 
+def read_tiny_config(
+    default_file: str, config_path: Path | None, sections: set[str], what: str
+) -> dict[str, Any]:
+    """Read a tiny model's JSON config: the packaged ``default_file``, or ``config_path``.
+
+    Raises:
+        ValueError: The config lacks some of ``sections`` (names the file and ``what`` it is).
+    """
+    if config_path is None:
+        text = resources.files(__package__).joinpath(default_file).read_text(encoding="utf-8")
+    else:
+        text = Path(config_path).read_text(encoding="utf-8")
+    config = json.loads(text)
+    missing = set(sections) - set(config)
+    if missing:
+        raise ValueError(f"tiny {what} config {config_path or default_file} lacks sections {sorted(missing)}")
+    return config
+
+
 def load_tiny_config(config_path: Path | None = None) -> dict[str, Any]:
     """Read the tiny SD3 config (the packaged ``tiny_sd3.json`` by default).
 
@@ -59,15 +78,9 @@ def load_tiny_config(config_path: Path | None = None) -> dict[str, Any]:
     Returns:
         The config with sections ``transformer``, ``vae``, ``text_encoder``, ``scheduler`` and ``seed``.
     """
-    if config_path is None:
-        text = resources.files(__package__).joinpath(CONFIG_FILE).read_text(encoding="utf-8")
-    else:
-        text = Path(config_path).read_text(encoding="utf-8")
-    config = json.loads(text)
-    missing = {"transformer", "vae", "text_encoder", "scheduler", "seed"} - set(config)
-    if missing:
-        raise ValueError(f"tiny SD3 config {config_path or CONFIG_FILE} lacks sections {sorted(missing)}")
-    return config
+    return read_tiny_config(
+        CONFIG_FILE, config_path, {"transformer", "vae", "text_encoder", "scheduler", "seed"}, "SD3"
+    )
 
 
 def _word_symbols(word: str) -> list[str]:
