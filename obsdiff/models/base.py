@@ -216,9 +216,14 @@ class ModelAdapter:
                 width=resolution,
                 generator=generators,
                 output_type=output_type,
-                callback_on_step_end=callback,
+                **self.step_callback(pipe, callback),
             )
         return out.images
+
+    def step_callback(self, pipe: Any, callback: Any) -> dict:
+        """The pipeline-call arguments that run ``callback`` (``callback_on_step_end`` signature)
+        after every sampler step."""
+        return {"callback_on_step_end": callback}
 
     def sampler_kwargs(self, pipe: Any, guidance_scale: float) -> dict:
         """The family's guidance arguments of the pipeline call (CFG scale, true CFG, token count)."""

@@ -138,37 +138,16 @@ class PixArtAdapter(ModelAdapter):
 
         return encode_in_batches(prompts, batch_size, encode)
 
-    def denoise(
-        self,
-        pipe: Any,
-        embeds: dict,
-        generators: list,
-        num_steps: int,
-        guidance_scale: float,
-        resolution: int,
-        callback: Any = None,
-        output_type: str = "latent",
-    ) -> Any:
-        """As the base, through the pipeline's legacy ``callback(step, t, latents)``: each step calls
-        ``callback(pipe, step, t, {"latents": latents})`` (the ``callback_on_step_end`` signature)."""
-        device = self.denoiser(pipe).device
+    def step_callback(self, pipe: Any, callback: Any) -> dict:
+        """PixArtSigmaPipeline takes only the legacy ``callback(step, t, latents)`` (it swallows
+        ``callback_on_step_end``): each step calls ``callback(pipe, step, t, {"latents": latents})``."""
+        if callback is None:
+            return {}
 
         def legacy(step: int, timestep: Any, latents: Any) -> None:
             callback(pipe, step, timestep, {"latents": latents})
 
-        with torch.no_grad():
-            out = pipe(
-                **{k: v.to(device) for k, v in embeds.items()},
-                **self.sampler_kwargs(pipe, guidance_scale),
-                num_inference_steps=num_steps,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type=output_type,
-                callback=legacy if callback is not None else None,
-                callback_steps=1,
-            )
-        return out.images
+        return {"callback": legacy, "callback_steps": 1}
 
     def sampler_kwargs(self, pipe: Any, guidance_scale: float) -> dict:
         return {
