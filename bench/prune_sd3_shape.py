@@ -2,7 +2,9 @@
 
 Times ``prune_groupwise`` with ``SD3Adapter`` and a ``LayerwiseStrategy`` of the OBS solver
 (``layer_solver("obs", "obs")``), split into calibration (sampler passes with Hessian capture), OBS
-solves and the loop's per-layer bookkeeping, plus peak memory. Random
+solves and the loop's per-layer bookkeeping, plus peak memory against the memory plan's prediction
+(``obsdiff.plan``, from the config on a ``meta`` model; CPU: measured with ``LiveBytes``, GPU:
+``torch.cuda.max_memory_allocated``). Random
 weights and prompt embeddings stand in for the checkpoint and text encoders: nothing downloads.
 
     python bench/prune_sd3_shape.py --preset cpu-small
@@ -12,6 +14,7 @@ weights and prompt embeddings stand in for the checkpoint and text encoders: not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -28,7 +31,8 @@ from obsdiff.calibration.timesteps import timestep_weights
 from obsdiff.evaluation.speed import device_name
 from obsdiff.models.base import DTYPES, KNOWN_CONFIGS, resolve_device, torch_dtype
 from obsdiff.models.sd3 import SD3Adapter
-from obsdiff.prune import Calibration, prune_groupwise
+from obsdiff.plan import LiveBytes, build_plan, device_capacity
+from obsdiff.prune import Calibration, make_packages, prune_groupwise
 from obsdiff.pruners.layerwise import LayerSolver, LayerwiseStrategy
 from obsdiff.solvers import Pattern, SolveResult, layer_solver
 
@@ -135,6 +139,19 @@ def random_embeds(num_prompts: int, cfg: bool, dtype: torch.dtype, seed: int) ->
     return {k: torch.randn(num_prompts, *s, generator=g).to(dtype) for k, s in shapes.items()}
 
 
+def predicted_plan(args: argparse.Namespace, adapter: SD3Adapter, strategy: LayerwiseStrategy) -> Any:
+    """The memory plan of this prune, from the config alone (a ``meta`` transformer)."""
+    device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
+    with torch.device("meta"):
+        meta = SD3Transformer2DModel(**{**sd3_medium_config(), "num_layers": args.num_layers})
+    meta = torch.nn.Module.to(meta, dtype)
+    packages = make_packages(adapter, meta, strategy, args.num_packages, None)
+    batch = args.batch_size * (2 if args.guidance_scale > 1 else 1)
+    inputs = adapter.example_inputs(meta, batch, args.resolution // 8, TEXT_TOKENS)
+    return build_plan(meta, packages, strategy.input_groups, inputs, device=str(device), batch=batch,
+                      resolution=args.resolution, capacity=device_capacity(device))  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; unset ones take the ``--preset`` value."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=7.0)
     p.add_argument("--schedule", default="log_decrease")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--live-bytes", action="store_true",
+                   help="CPU: measure the peak of live tensors (obsdiff.plan.LiveBytes; slows the run)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench/results.jsonl"))
     args = vars(p.parse_args(argv))
@@ -181,12 +200,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adapter, solver = TimedSD3Adapter(device), TimedSolver(layer_solver("obs", "obs"), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
     pattern, targets = parse_pattern(args.pattern, args.sparsity), list(adapter.default_targets)
     strategy = LayerwiseStrategy(solver, pattern, targets)
-    records = prune_groupwise(adapter, pipe, calib, strategy, args.num_packages)
+    plan = predicted_plan(args, adapter, strategy)
+    t0 = time.perf_counter()
+    live = LiveBytes() if device.type == "cpu" and args.live_bytes else contextlib.nullcontext()
+    with live:
+        records = prune_groupwise(adapter, pipe, calib, strategy, args.num_packages)
     sync(device)
     total_s = time.perf_counter() - t0
+    weights = sum(t.numel() * t.element_size() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
+    measured = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else live.peak + weights if args.live_bytes else float("nan"))  # fmt: skip
     numel = sum(r.rows * r.cols for r in records)
     figures = {
         "total_s": total_s,
@@ -197,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_mem_gib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+        "plan_peak_gib": plan.peak_bytes / 2**30,
+        "measured_peak_gib": measured / 2**30,  # CPU: tensors alive at once (LiveBytes), + weights
+        "plan_over_measured": plan.peak_bytes / measured,
         "layers_pruned": len(records),
         "achieved_sparsity": sum(r.sparsity * r.rows * r.cols for r in records) / numel,
         "denoiser_params_m": sum(p.numel() for p in pipe.transformer.parameters()) / 1e6,

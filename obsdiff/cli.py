@@ -125,10 +125,10 @@ def _single_run(cfg: DictConfig, run_dir: Path) -> dict:
     except CHECK_ERRORS as err:
         _record_failure(run_dir, cfg, err)
         _exit_with(err)
-    from obsdiff.run import run
+    from obsdiff.run import plan_only, run
 
     try:
-        return run(cfg, run_dir)
+        return plan_only(cfg, run_dir) if cfg.plan_only else run(cfg, run_dir)
     except USER_ERRORS as err:
         _exit_with(err)
     except Exception:
@@ -147,10 +147,10 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> dict | None:
         _record_failure(run_dir, cfg, err)
         log.error("job failed before it started: %s; the sweep goes on", _one_line(err))
         return None
-    from obsdiff.run import run
+    from obsdiff.run import plan_only, run
 
     try:
-        return run(cfg, run_dir)
+        return plan_only(cfg, run_dir) if cfg.plan_only else run(cfg, run_dir)
     except USER_ERRORS as err:
         log.error("job failed: %s; the sweep goes on", _one_line(err))
     except Exception:

@@ -25,9 +25,9 @@ from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
 from obsdiff.checkpoint import PackageCheckpoints
 from obsdiff.hessian import HessianAccumulator
-from obsdiff.layers import columns
 from obsdiff.models.base import ModelAdapter, slice_embeds
-from obsdiff.packages import split_packages
+from obsdiff.packages import split_by_bytes, split_packages
+from obsdiff.plan import PackageBytes, packages_table, summarize_package, unit_bytes
 from obsdiff.pruners.records import LayerRecord
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,12 @@ def prune_groupwise(
     on_package_done: Callable[[list[LayerRecord]], None] | None = None,
     checkpoints: PackageCheckpoints | None = None,
     hessian_cache: HessianCache | None = None,
+    package_bytes: int | None = None,
 ) -> list[LayerRecord]:
     """Prune the denoiser in place, package by package.
 
-    1. Units (adapter + strategy) are cut into ``num_packages`` contiguous packages.
+    1. Units (adapter + strategy) are cut into ``num_packages`` contiguous packages, or into as
+       many as hold at most ``package_bytes`` of Hessians each (:func:`make_packages`).
     2. Packages finished by an earlier, killed run (``checkpoints``) are restored, not redone.
     3. For each remaining package: hook its input groups → run the whole calibration set through
        the sampler → remove the hooks → check the Hessians → prune every unit → let the strategy
@@ -179,7 +181,7 @@ def prune_groupwise(
     """
     with exact_fp32():
         return _prune_groupwise(adapter, pipe, calib, strategy, num_packages, on_package_done, checkpoints,
-                                hessian_cache)  # fmt: skip
+                                hessian_cache, package_bytes)  # fmt: skip
 
 
 def _prune_groupwise(
@@ -191,14 +193,13 @@ def _prune_groupwise(
     on_package_done: Callable[[list[LayerRecord]], None] | None,
     checkpoints: PackageCheckpoints | None,
     hessian_cache: HessianCache | None,
+    package_bytes: int | None,
 ) -> list[LayerRecord]:
     denoiser: nn.Module = adapter.denoiser(pipe)
-    packages = split_packages(strategy.units(adapter, denoiser), num_packages)
+    packages = make_packages(adapter, denoiser, strategy, num_packages, package_bytes)
     if not packages:
         raise ValueError("no target layers or structure groups matched pruner.targets / pruner.blocks")
-    log.info(
-        "package plan (before calibration):\n%s", format_plan(package_plan(denoiser, strategy, packages))
-    )
+    log.info("packages (before calibration):\n%s", packages_table(package_summaries(denoiser, strategy, packages)))
     records: list[LayerRecord] = []
     finished = 0 if checkpoints is None else checkpoints.finished(len(packages))
     for k in range(finished):  # the dense model gets the finished packages' shapes, then weights
@@ -259,50 +260,20 @@ def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-# Layers of one block that read one input: at most 4 (Flux single blocks: q, k, v, proj_mlp); a
-# larger group is shared across blocks (the UNet / PixArt cross-attention K/V) and the plan says so.
-MAX_BLOCK_GROUP = 4
+def make_packages(
+    adapter: ModelAdapter, denoiser: nn.Module, strategy: Strategy, num_packages: int, package_bytes: int | None
+) -> list[list[Any]]:
+    """The units cut into packages: ``num_packages`` even ones, or as many as fit ``package_bytes``
+    of fp32 Hessians each (shared inputs once); works on ``meta``."""
+    units = strategy.units(adapter, denoiser)
+    if package_bytes is None:
+        return split_packages(units, num_packages)
+    return split_by_bytes(units, [unit_bytes(denoiser, strategy.input_groups(u)) for u in units], package_bytes)
 
 
-@dataclass
-class PackagePlan:
-    """What one package holds while it is calibrated."""
-
-    package: int
-    units: int
-    layers: int
-    hessians: int  # distinct inputs: one fp32 Hessian each
-    hessian_bytes: int
-    device: str  # where the Hessians live (the layers' weight device)
-    shared: list[tuple[str, str, int]]  # model-wide input groups: (first layer, last layer, layers)
-
-
-def package_plan(denoiser: nn.Module, strategy: Strategy, packages: list[list[Any]]) -> list[PackagePlan]:
-    """Layers and fp32 Hessian bytes per package (shared inputs counted once); works on ``meta``."""
-    plans = []
-    for k, package in enumerate(packages):
-        groups = [group for unit in package for group in strategy.input_groups(unit)]
-        firsts = [denoiser.get_submodule(group[0]) for group in groups]
-        plans.append(PackagePlan(
-            package=k, units=len(package), layers=sum(len(g) for g in groups), hessians=len(groups),
-            hessian_bytes=sum(4 * columns(m) ** 2 for m in firsts),
-            device=", ".join(sorted({str(m.weight.device) for m in firsts})),
-            shared=[(g[0], g[-1], len(g)) for g in groups if len(g) > MAX_BLOCK_GROUP],
-        ))  # fmt: skip
-    return plans
-
-
-def format_plan(plans: list[PackagePlan]) -> str:
-    """A small table: one line per package, then the largest package and the total."""
-    lines = [f"{'package':>8} {'units':>6} {'layers':>7} {'hessians':>9} {'fp32 GB':>9}  device"]
-    for p in plans:
-        gb = p.hessian_bytes / 1e9
-        lines.append(f"{p.package:>8} {p.units:>6} {p.layers:>7} {p.hessians:>9} {gb:>9.3f}  {p.device}")
-    largest, total = max(p.hessian_bytes for p in plans), sum(p.hessian_bytes for p in plans)
-    lines.append(f"largest package {largest / 1e9:.3f} GB of Hessians; all packages {total / 1e9:.3f} GB")
-    for p in plans:
-        for first, last, count in p.shared:
-            lines.append(
-                f"package {p.package}: one Hessian for {count} layers reading one input ({first} ... {last})"
-            )
-    return "\n".join(lines)
+def package_summaries(denoiser: nn.Module, strategy: Strategy, packages: list[list[Any]]) -> list[PackageBytes]:
+    """Layers and bytes per package (shared inputs counted once); works on ``meta``."""
+    return [
+        summarize_package(denoiser, [g for unit in package for g in strategy.input_groups(unit)], k, len(package))
+        for k, package in enumerate(packages)
+    ]

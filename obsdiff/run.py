@@ -27,8 +27,10 @@ from obsdiff.evaluation.evaluate import Scorer, dense_baseline, generate, prepar
 from obsdiff.evaluation.grid import image_grid
 from obsdiff.fileio import atomic_write, write_text
 from obsdiff.models import ModelAdapter, get_adapter
+from obsdiff.models.base import resolve_device, torch_dtype
 from obsdiff.provenance import run_hash
-from obsdiff.prune import NonFiniteError, prepare_calibration, prune_groupwise
+from obsdiff.plan import MemoryPlan, build_plan, check_fits, device_capacity, unit_bytes
+from obsdiff.prune import NonFiniteError, make_packages, prepare_calibration, prune_groupwise
 from obsdiff.pruners.layerwise import LayerwiseStrategy
 from obsdiff.pruners.records import LayerRecord
 from obsdiff.pruners.structured import StructuredStrategy
@@ -41,7 +43,7 @@ LAYER_COLUMNS = [f.name for f in dataclasses.fields(LayerRecord)]
 
 
 # What a run writes into its directory (``resume=false`` deletes these before starting).
-OUTPUTS = ("status.json", "metrics.json", "layers.csv", "samples.png", "pruned", "checkpoints")
+OUTPUTS = ("status.json", "metrics.json", "layers.csv", "samples.png", "plan.json", "pruned", "checkpoints")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -119,8 +121,13 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, checkpoints: PackageChec
     adapter = get_adapter(spec.family, spec.options)
     metrics: dict = {f"versions/{k}": v for k, v in library_versions().items()}
     with tracking(cfg, run_dir) as tracker:
+        planned = cfg.artifact is None and adapter.plans_before_load  # 0'. the plan, before weights load
+        if planned:
+            metrics |= _plan(cfg, spec, adapter, run_dir, tracker)
         pipe = adapter.load(cfg.model)  # 1. load; encode every prompt once
         log.info("model %s loaded (%s)", cfg.model.name, type(adapter.denoiser(pipe)).__name__)
+        if cfg.artifact is None and not planned:
+            metrics |= _plan(cfg, spec, adapter, run_dir, tracker)
         calib = (
             prepare_calibration(adapter, pipe, cfg.calibration, cfg.schedule)
             if cfg.artifact is None
@@ -183,10 +190,15 @@ def _prune(
 
     start, extra = time.perf_counter(), {}
     cache = _hessian_cache(cfg, adapter)
+    device = next(denoiser.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     records = prune_groupwise(
-        adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints, cache
+        adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints, cache, spec.package_bytes
     )  # fmt: skip
     seconds = time.perf_counter() - start
+    if device.type == "cuda":  # the plan's prediction is plan/peak_bytes
+        metrics["prune/peak_bytes"] = torch.cuda.max_memory_allocated(device)
     if spec.structured:
         extra["structure"] = {"architecture": adapter.architecture(denoiser), "removed": strategy.removed}
         metrics |= {"prune/head_ratio": spec.head_ratio, "prune/ffn_ratio": spec.ffn_ratio}
@@ -198,7 +210,7 @@ def _prune(
         "prune/update": spec.update,
         "prune/pattern": _pattern_label(cfg.sparsity),
         "prune/schedule": cfg.schedule.name,
-        "prune/num_packages": spec.num_packages,
+        "prune/num_packages": len({r.package for r in records}),
         "prune/sparsity_target": pattern.target_sparsity,
         "prune/sparsity_achieved": 1 - kept / numel_before,
         "prune/num_layers": len(records),
@@ -210,6 +222,51 @@ def _prune(
         log.info("pruned model saved to %s", saved)
         faults.reached("save")
     return [list(dataclasses.astuple(r)) for r in records]
+
+
+def memory_plan(cfg: DictConfig, spec: RunSpec, adapter: ModelAdapter) -> tuple[MemoryPlan, list[int]]:
+    """The prune's memory plan from the model config alone (a ``meta`` denoiser at the run dtype),
+    and every unit's Hessian bytes (for :func:`obsdiff.plan.check_fits`'s advice)."""
+    c, config = cfg.calibration, spec.denoiser_config
+    denoiser = torch.nn.Module.to(adapter.empty_denoiser(config), torch_dtype(cfg.model.torch_dtype))
+    strategy = _strategy(spec, spec.pattern())
+    packages = make_packages(adapter, denoiser, strategy, spec.num_packages, spec.package_bytes)
+    batch = c.batch_size * max(adapter.denoiser_calls(c.guidance_scale, config))
+    latent_size = c.resolution // adapter.vae_scale_factor(cfg.model)
+    inputs = adapter.example_inputs(denoiser, batch, latent_size, adapter.planned_text_tokens(cfg.model))
+    device = resolve_device(cfg.model.device)
+    plan = build_plan(denoiser, packages, strategy.input_groups, inputs, device=str(device), batch=batch,
+                      resolution=c.resolution, capacity=device_capacity(device))  # fmt: skip
+    return plan, [unit_bytes(denoiser, strategy.input_groups(u)) for package in packages for u in package]
+
+
+def _plan(cfg: DictConfig, spec: RunSpec, adapter: ModelAdapter, run_dir: Path, tracker: Any) -> dict:
+    """Write ``plan.json``, log the plan (console and W&B), refuse a plan that does not fit the
+    device (:class:`obsdiff.plan.PlanError`: which knob to set, to what); return its metrics."""
+    plan, sizes = memory_plan(cfg, spec, adapter)
+    write_text(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
+    log.info("memory plan (before weights load):\n%s", plan.table())
+    columns = ["package", "layers", "hessians", "hessian_bytes", "solve_bytes", "peak_bytes"]
+    rows = [[p.package, p.layers, p.hessians, p.hessian_bytes, p.solve_bytes, plan.package_peak(p)]
+            for p in plan.packages]  # fmt: skip
+    tracker.log_table("plan", columns, rows)
+    check_fits(plan, sizes, cfg.calibration.batch_size)
+    return plan.metrics()
+
+
+def plan_only(cfg: DictConfig, run_dir: Path) -> dict:
+    """``plan_only=true``: the memory plan printed and written to ``plan.json``; nothing else runs
+    (the generic adapter loads the pipeline first: it probes it)."""
+    spec = resolve(cfg)
+    adapter = get_adapter(spec.family, spec.options)
+    if not adapter.plans_before_load:
+        adapter.load(cfg.model)
+    plan, sizes = memory_plan(cfg, spec, adapter)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_text(Path(run_dir) / "plan.json", json.dumps(plan.to_dict(), indent=2))
+    print(plan.table())
+    check_fits(plan, sizes, cfg.calibration.batch_size)
+    return plan.metrics()
 
 
 def _hessian_cache(cfg: DictConfig, adapter: ModelAdapter) -> HessianCache | None:

@@ -68,3 +68,21 @@ def one_of(fld: str, value: Any, names: Iterable[str], suffix: str = "", nullabl
     names = list(names)
     if value not in names:
         fail(fld, value, ("null, " if nullable else "") + ", ".join(names) + suffix)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_bytes(fld: str, value: Any) -> int:
+    """A size in bytes: an integer, or e.g. ``"20GB"``, ``"1.5GiB"``, ``"512MB"``; at least 1."""
+    match = None if is_int(value) else re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if is_int(value):
+        size = int(value)
+    elif match is not None and match.group(2).upper() in _UNITS:
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    else:
+        size = 0
+    if size < 1:
+        fail(fld, value, "bytes as an integer >= 1, or a size such as '20GB', '1.5GiB', '512MB'")
+    return size

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from obsdiff.config.fields import ConfigError
+from obsdiff.config.fields import ConfigError, parse_bytes
 from obsdiff.config.validate import parse_blocks
 
 
@@ -33,6 +33,7 @@ class RunSpec:
         widths: input features of each target.
         mask, update: the method (``update`` already folds ``pruner.compensate=false`` in).
         damp_frac, block_size, num_packages: solver and loop settings.
+        package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
         dsnot: DSnoT's options.
     """
 
@@ -54,6 +55,7 @@ class RunSpec:
     damp_frac: float
     block_size: int
     num_packages: int
+    package_bytes: int | None
     dsnot: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -157,5 +159,6 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         ffn_ratio=ffn_ratio, blocks=blocks, targets=targets, widths=widths, mask=pr.mask,
         update=effective_update(pr), damp_frac=pr.damp_frac,
         block_size=pr.block_size, num_packages=pr.num_packages,
+        package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes", pr.package_bytes),
         dsnot=OmegaConf.to_container(pr.dsnot, resolve=True),
     )  # fmt: skip

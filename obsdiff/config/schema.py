@@ -101,6 +101,7 @@ class PrunerConfig:
     mask: str = "obs"  # which weights go: obs | magnitude | wanda | dsnot; structured: obs | l1
     update: str = "obs"  # obs: OBS compensation on that mask | none: plain masking
     num_packages: int = 4
+    package_bytes: Any = None  # a Hessian budget per package ("20GB", or bytes): overrides num_packages
     damp_frac: float = 0.01
     block_size: int = 128
     blocks: Any = None  # null = all blocks ([1, L-1) for structured); a list of indices; or "start:stop"
@@ -150,6 +151,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     save_model: bool = True
     artifact: str | None = None  # a run's pruned/ folder: evaluate it without pruning again
+    plan_only: bool = False  # print the memory plan (and write plan.json), load nothing, exit
     # CPU only: treat subnormal floats (|x| < 1.2e-38) as zero. Denormal arithmetic made the
     # embedded model's sampler up to 20x slower on x86; the values it changes are far below
     # anything that moves a mask or a metric. false = strict IEEE arithmetic.

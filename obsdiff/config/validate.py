@@ -29,6 +29,7 @@ from obsdiff.config.fields import (
     non_empty,
     number_at_least,
     one_of,
+    parse_bytes,
     plain,
     valid_name,
 )
@@ -174,6 +175,8 @@ def check_pruner(cfg: DictConfig) -> None:
     one_of("pruner.mask", pr.mask, methods, f" (for sparsity={kind})")
     one_of("pruner.update", pr["update"], UPDATES)  # pr.update is DictConfig.update, the method
     int_at_least("pruner.num_packages", pr.num_packages, 1)
+    if pr.package_bytes is not None:
+        parse_bytes("pruner.package_bytes", pr.package_bytes)
     if not (finite(pr.damp_frac) and pr.damp_frac > 0):
         fail("pruner.damp_frac", pr.damp_frac, "a finite number > 0 (0.01 in the paper)")
     int_at_least("pruner.block_size", pr.block_size, 1)

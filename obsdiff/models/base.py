@@ -65,6 +65,7 @@ class ModelAdapter:
     default_targets: tuple[str, ...] = ()
     optional_targets: tuple[str, ...] = ()  # allowed in ``pruner.targets``, not pruned by default
     supports_structured = True  # head / neuron groups (``structure_units``); refused before loading if not
+    plans_before_load = True  # the memory plan needs the config only (else: right after loading)
     default_options: Mapping[str, Any] = {}
     denoiser_subfolder = "transformer"
     # Embedded pipelines by the name ``model.path`` gives them, and shipped denoiser configs of
@@ -239,6 +240,16 @@ class ModelAdapter:
     def text_tokens(self, pipe: Any) -> int:
         """Prompt tokens the denoiser attends to (for FLOP counts)."""
         raise NotImplementedError
+
+    def planned_text_tokens(self, model_cfg: Any) -> int:
+        """:meth:`text_tokens` from the config alone (the memory plan, before the pipeline loads)."""
+        raise NotImplementedError
+
+    def tokenizer_length(self, model_cfg: Any) -> int:
+        """The CLIP tokenizer's padded length, from the weights folder's ``tokenizer/`` (77, CLIP's,
+        when the folder is not local)."""
+        path = Path(self.weights_location(model_cfg)) / "tokenizer" / "tokenizer_config.json"
+        return int(json.loads(path.read_text()).get("model_max_length", 77)) if path.is_file() else 77
 
     def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
         """The denoiser class built from ``config`` without weights (``meta``: no memory)."""

@@ -203,6 +203,9 @@ class FluxAdapter(ModelAdapter):
     def text_tokens(self, pipe: Any) -> int:
         return self.options["max_sequence_length"]  # the joint attention reads the T5 tokens only
 
+    def planned_text_tokens(self, model_cfg: Any) -> int:
+        return self.options["max_sequence_length"]
+
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
     ) -> dict:

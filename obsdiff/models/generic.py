@@ -64,6 +64,7 @@ class GenericAdapter(ModelAdapter):
 
     family = "generic"
     supports_structured = False
+    plans_before_load = False  # units and inputs come from probing the loaded pipeline
     default_options = {
         "pipeline": "auto",
         "denoiser": "transformer",
@@ -272,6 +273,9 @@ class GenericAdapter(ModelAdapter):
         text = self._recorded()["inputs"].get("encoder_hidden_states")
         return int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
 
+    def planned_text_tokens(self, model_cfg: Any) -> int:
+        return self.text_tokens(None)  # the probe's (the plan comes after loading)
+
     def empty_denoiser(self, config: dict, device: Any = "meta") -> nn.Module:
         import diffusers
 
@@ -408,7 +412,8 @@ class GenericAdapter(ModelAdapter):
         return self._probe
 
     def _probe_groups(self, denoiser: nn.Module) -> list[tuple[str, ...]]:
-        """Replay the probed call; Linears of the blocks whose input is the same tensor form a group.
+        """Replay the probed call (on a ``meta`` copy: inputs of its shapes); Linears of the blocks
+        whose input is the same tensor form a group.
 
         Groups are in order of first use; a Linear called more than once per forward is a group of
         its own (its hook then sees every call).
@@ -433,8 +438,12 @@ class GenericAdapter(ModelAdapter):
             return hook
 
         hooks = [(layer, make_hook(name)) for name, _, layer in self._linears(denoiser, None, [".*"])]
+        probe = self._recorded()
+        inputs = probe["inputs"]
+        if next(denoiser.parameters()).device.type == "meta":  # the memory plan's copy: meta inputs
+            inputs = self.example_inputs(denoiser, probe["rows"], probe["latent_size"], self.text_tokens(None))
         with torch.no_grad(), _hooks(hooks):
-            denoiser(**self._recorded()["inputs"])
+            denoiser(**inputs)
         out: list[tuple[str, ...]] = []
         for group in groups:
             shared = tuple(n for n in group if calls[n] == 1)

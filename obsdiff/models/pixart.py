@@ -160,6 +160,9 @@ class PixArtAdapter(ModelAdapter):
     def text_tokens(self, pipe: Any) -> int:
         return self.options["max_sequence_length"]  # the cross-attention reads the padded T5 tokens
 
+    def planned_text_tokens(self, model_cfg: Any) -> int:
+        return self.options["max_sequence_length"]
+
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
     ) -> dict:

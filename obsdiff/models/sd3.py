@@ -157,6 +157,9 @@ class SD3Adapter(ModelAdapter):
         # CLIP tokens + T5 tokens (zeros when T5 is dropped, still attended to).
         return pipe.tokenizer_max_length + self.options["max_sequence_length"]
 
+    def planned_text_tokens(self, model_cfg: Any) -> int:
+        return self.tokenizer_length(model_cfg) + self.options["max_sequence_length"]
+
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
     ) -> dict:

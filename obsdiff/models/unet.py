@@ -225,6 +225,9 @@ class UNetAdapter(ModelAdapter):
     def text_tokens(self, pipe: Any) -> int:
         return pipe.tokenizer.model_max_length  # CLIP: 77
 
+    def planned_text_tokens(self, model_cfg: Any) -> int:
+        return self.tokenizer_length(model_cfg)
+
     def example_inputs(
         self, denoiser: nn.Module, batch: int, latent_size: int, text_tokens: int, generator: Any = None
     ) -> dict:

@@ -204,23 +204,24 @@ def test_nm_needs_m_to_divide_every_stage_width_and_the_head_check_uses_the_fewe
 
 def test_plan_says_the_cross_kv_hessian_is_shared_model_wide():
     from obsdiff.packages import split_packages
-    from obsdiff.prune import format_plan, package_plan
+    from obsdiff.plan import packages_table
+    from obsdiff.prune import package_summaries
     from obsdiff.pruners.layerwise import LayerwiseStrategy
 
     adapter = get_adapter("sdxl")
     config = adapter.denoiser_config(model_cfg(HUB["sdxl"]))
     model = adapter.empty_denoiser(config)  # meta: the real SDXL shape without weights
     strategy = LayerwiseStrategy(None, Pattern("unstructured", 0.5), adapter.default_targets)
-    plans = package_plan(model, strategy, split_packages(strategy.units(adapter, model), 4))
+    plans = package_summaries(model, strategy, split_packages(strategy.units(adapter, model), 4))
     (shared,) = plans[0].shared
     assert shared[2] == 140  # to_k and to_v of all 70 blocks: one 2048² Hessian
-    assert "one Hessian for 140 layers reading one input" in format_plan(plans)
+    assert "one Hessian for 140 layers reading one input" in packages_table(plans)
     units = strategy.units(adapter, model)
     (kv,) = units[0]
     per_block = [[kv[i : i + 2]] for i in range(0, len(kv), 2)] + units[1:]  # one K/V Hessian per block
-    unshared = package_plan(model, strategy, split_packages(per_block, 4))
+    unshared = package_summaries(model, strategy, split_packages(per_block, 4))
     saved = sum(p.hessian_bytes for p in unshared) - sum(p.hessian_bytes for p in plans)
-    assert saved == 69 * 4 * 2048**2  # 1.16 GB of fp32 Hessians; 69 accumulations and factorisations
+    assert saved == 69 * (4 * 2048**2 + 8 * 2048)  # 1.16 GB of fp32 Hessians (and fp64 column sums)
     assert sum(p.hessians for p in unshared) - sum(p.hessians for p in plans) == 69
 
 
