@@ -67,8 +67,10 @@ class CholeskyError(RuntimeError):
     """Raised when ``H`` stays non positive definite after every damping retry."""
 
 
-def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tuple[torch.Tensor, float, float]:
-    """Damp ``H`` and return the upper Cholesky factor of its inverse.
+def damped_inverse(
+    H: torch.Tensor, damp_frac: float, layer: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Damp ``H`` and return its inverse and the upper Cholesky factor of that inverse.
 
     Retries with ``damp_frac`` grown tenfold (up to ``MAX_DAMP_RETRIES`` times) when the
     factorisation fails, and logs every retry; never falls back to another method.
@@ -79,7 +81,8 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
         layer: name used in log and error messages.
 
     Returns:
-        ``(Hinv, damp, damp_frac)``: the factor, the absolute and the relative damping used.
+        ``(H⁻¹, Hinv, damp, damp_frac)``: the inverse of the damped ``H``, its upper Cholesky
+        factor, the absolute and the relative damping used.
     """
     mean_diag = torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
@@ -88,13 +91,14 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
         damp = frac * mean_diag
         try:
             L = torch.linalg.cholesky(H + damp * eye)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            Hinv = torch.linalg.cholesky(inverse, upper=True)
             if torch.isfinite(Hinv).all():
                 if attempt:
                     log.warning(
                         "%s: Cholesky succeeded with damp_frac=%g after %d retries", layer, frac, attempt
                     )
-                return Hinv, damp, frac
+                return inverse, Hinv, damp, frac
         except torch.linalg.LinAlgError:
             pass
         log.warning(
@@ -106,6 +110,13 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
         f"{frac / DAMP_GROWTH:g}. Calibrate on more prompts/steps (calibration.num_prompts), or raise "
         f"pruner.damp_frac (now {damp_frac:g})."
     )
+
+
+def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tuple[torch.Tensor, float, float]:
+    """``(Hinv, damp, damp_frac)`` of :func:`damped_inverse`: the upper Cholesky factor of the
+    damped ``H⁻¹``, the absolute and the relative damping used."""
+    _, Hinv, damp, frac = damped_inverse(H, damp_frac, layer)
+    return Hinv, damp, frac
 
 
 @dataclass(frozen=True)
