@@ -1,7 +1,9 @@
-"""Layer-wise strategy: every target layer gets its own solve on its input group's Hessian.
+"""Layer-wise strategy: every target layer is solved on its input group's Hessian.
 
 The group's Hessian is damped and factorised once (``solver.factorize``) and the factor is shared
-by its layers' solves: q/k/v, Flux's four single-block layers, the UNets' model-wide cross K/V.
+by its layers: q/k/v, Flux's four single-block layers, the UNets' model-wide cross K/V. Where the
+method has an OBS update (``solver.stacked``) a group of several layers is solved in one
+row-stacked column sweep, bit for bit the separate solves; otherwise one solve per layer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from obsdiff.hessian import HessianAccumulator
@@ -49,11 +52,15 @@ class LayerwiseStrategy:
         self, denoiser: nn.Module, unit: Unit, hessians: dict[str, HessianAccumulator], package: int
     ) -> list[LayerRecord]:
         records = []
-        for group in unit:  # one factorisation of the group's Hessian, one solve per layer
+        for group in unit:  # one factorisation of the group's Hessian, one sweep or one solve per layer
             acc, factorize = hessians[group[0]], getattr(self.solver, "factorize", None)
+            stacked = getattr(self.solver, "stacked", None)
             t0 = time.perf_counter()
             factor = factorize(acc.H, layer=group[0]) if factorize is not None else None
             shared = (time.perf_counter() - t0) / len(group)  # its time is split over the layers
+            if stacked is not None and len(group) > 1:
+                records += self._prune_stacked(denoiser, group, acc, package, factor, shared)
+                continue
             for name in group:
                 records.append(self._prune_layer(denoiser, name, acc, package, factor, shared))
         return records
@@ -81,13 +88,44 @@ class LayerwiseStrategy:
         factor: Any,
         shared: float,
     ) -> LayerRecord:
-        layer = denoiser.get_submodule(name)
-        W, H = matrix(layer), acc.H  # a conv as its unfolded (out, in·kh·kw) matrix, a view
+        W = matrix(denoiser.get_submodule(name))  # a conv as its unfolded (out, in·kh·kw) matrix, a view
         t0 = time.perf_counter()
         kwargs = {"factor": factor} if factor is not None else {}
-        result = self.solver(W, H, self.pattern, layer=name, moments=acc.moments(), **kwargs)
-        seconds = time.perf_counter() - t0 + shared
-        loss = reconstruction_error(W, result.weight, H)
+        result = self.solver(W, acc.H, self.pattern, layer=name, moments=acc.moments(), **kwargs)
+        return self._record(name, W, result, acc, package, time.perf_counter() - t0 + shared)
+
+    def _prune_stacked(
+        self,
+        denoiser: nn.Module,
+        group: tuple[str, ...],
+        acc: HessianAccumulator,
+        package: int,
+        factor: Any,
+        shared: float,
+    ) -> list[LayerRecord]:
+        """The group's layers in one row-stacked sweep; its time is split over them by rows."""
+        Ws = [matrix(denoiser.get_submodule(name)) for name in group]
+        t0 = time.perf_counter()
+        results = self.solver.stacked(
+            Ws, acc.H, self.pattern, layers=list(group), moments=acc.moments(), factor=factor
+        )
+        per_row = (time.perf_counter() - t0) / sum(W.shape[0] for W in Ws)
+        return [
+            self._record(name, W, result, acc, package, per_row * W.shape[0] + shared)
+            for name, W, result in zip(group, Ws, results, strict=True)
+        ]
+
+    def _record(
+        self,
+        name: str,
+        W: torch.Tensor,
+        result: SolveResult,
+        acc: HessianAccumulator,
+        package: int,
+        seconds: float,
+    ) -> LayerRecord:
+        """Write the pruned weight into the layer's matrix ``W`` and describe it."""
+        loss = reconstruction_error(W, result.weight, acc.H)
         W.copy_(result.weight)
         return LayerRecord(
             name=name,

@@ -7,7 +7,8 @@ vs reconstruction" ablation. Structured methods choose heads / neurons (``obs``,
 
 Importing this package does not import torch: config validation reads the registries' names.
 The solver modules load on first use; ``Pattern``, ``SolveResult``, ``obs_solve``,
-``reconstruction_error`` and ``CholeskyError`` are served from ``obsdiff.solvers.obs`` on access.
+``obs_solve_stacked``, ``reconstruction_error`` and ``CholeskyError`` are served from
+``obsdiff.solvers.obs`` on access.
 """
 
 from __future__ import annotations
@@ -21,10 +22,24 @@ from obsdiff.registry import Registry
 if TYPE_CHECKING:
     import torch
 
-    from obsdiff.solvers.obs import CholeskyError, Pattern, SolveResult, obs_solve, reconstruction_error
+    from obsdiff.solvers.obs import (
+        CholeskyError,
+        Pattern,
+        SolveResult,
+        obs_solve,
+        obs_solve_stacked,
+        reconstruction_error,
+    )
 
 Moments = tuple["torch.Tensor", "torch.Tensor"]  # per-column input mean and variance (DSnoT)
-_FROM_OBS = ("CholeskyError", "Pattern", "SolveResult", "obs_solve", "reconstruction_error")
+_FROM_OBS = (
+    "CholeskyError",
+    "Pattern",
+    "SolveResult",
+    "obs_solve",
+    "obs_solve_stacked",
+    "reconstruction_error",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -105,7 +120,9 @@ def layer_solver(
     """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
 
     ``solve.factorize(H, layer=...)`` gives the damped inverse-Cholesky factor its OBS steps use,
-    once for all layers of an input group (bit for bit what each solve would compute).
+    once for all layers of an input group (bit for bit what each solve would compute). With the
+    OBS update, ``solve.stacked(Ws, H, pattern, *, layers, moments, factor) -> list[SolveResult]``
+    solves such a group in one row-stacked sweep (``obs_solve_stacked``), again bit for bit.
 
     Args:
         mask: one of ``MASK_METHODS``.
@@ -133,7 +150,19 @@ def layer_solver(
 
         return factor_of(H, damp_frac, layer)
 
+    def stacked(Ws, H, pattern, *, layers: list[str], moments: Moments | None = None, factor=None):
+        """Layers of one input group in one row-stacked OBS sweep: bit for bit their separate solves."""
+        from obsdiff.solvers.obs import obs_solve_stacked
+
+        chosen = None
+        if mask != "obs":  # the mask is chosen per layer, the OBS compensation runs stacked
+            chosen = [choose(W, H, pattern, name, moments, options | {"factor": factor})
+                      for W, name in zip(Ws, layers, strict=True)]  # fmt: skip
+        return obs_solve_stacked(Ws, H, pattern, damp_frac, block_size, layers, masks=chosen, factor=factor)
+
     solve.factorize = factorize  # layers of one input group share the factor (LayerwiseStrategy)
+    if update == "obs":  # ``update=none`` has no sweep to share: its layers are solved one by one
+        solve.stacked = stacked
     return solve
 
 
@@ -147,5 +176,6 @@ __all__ = [
     "SolveResult",
     "layer_solver",
     "obs_solve",
+    "obs_solve_stacked",
     "reconstruction_error",
 ]

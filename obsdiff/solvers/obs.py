@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -66,8 +67,10 @@ class CholeskyError(RuntimeError):
     """Raised when ``H`` stays non positive definite after every damping retry."""
 
 
-def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tuple[torch.Tensor, float, float]:
-    """Damp ``H`` and return the upper Cholesky factor of its inverse.
+def damped_inverse(
+    H: torch.Tensor, damp_frac: float, layer: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Damp ``H`` and return its inverse and the upper Cholesky factor of that inverse.
 
     Retries with ``damp_frac`` grown tenfold (up to ``MAX_DAMP_RETRIES`` times) when the
     factorisation fails, and logs every retry; never falls back to another method.
@@ -78,7 +81,8 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
         layer: name used in log and error messages.
 
     Returns:
-        ``(Hinv, damp, damp_frac)``: the factor, the absolute and the relative damping used.
+        ``(H⁻¹, Hinv, damp, damp_frac)``: the inverse of the damped ``H``, its upper Cholesky
+        factor, the absolute and the relative damping used.
     """
     mean_diag = torch.mean(torch.diag(H)).item()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
@@ -87,13 +91,14 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
         damp = frac * mean_diag
         try:
             L = torch.linalg.cholesky(H + damp * eye)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            Hinv = torch.linalg.cholesky(inverse, upper=True)
             if torch.isfinite(Hinv).all():
                 if attempt:
                     log.warning(
                         "%s: Cholesky succeeded with damp_frac=%g after %d retries", layer, frac, attempt
                     )
-                return Hinv, damp, frac
+                return inverse, Hinv, damp, frac
         except torch.linalg.LinAlgError:
             pass
         log.warning(
@@ -105,6 +110,13 @@ def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tupl
         f"{frac / DAMP_GROWTH:g}. Calibrate on more prompts/steps (calibration.num_prompts), or raise "
         f"pruner.damp_frac (now {damp_frac:g})."
     )
+
+
+def inverse_cholesky(H: torch.Tensor, damp_frac: float, layer: str = "") -> tuple[torch.Tensor, float, float]:
+    """``(Hinv, damp, damp_frac)`` of :func:`damped_inverse`: the upper Cholesky factor of the
+    damped ``H⁻¹``, the absolute and the relative damping used."""
+    _, Hinv, damp, frac = damped_inverse(H, damp_frac, layer)
+    return Hinv, damp, frac
 
 
 @dataclass(frozen=True)
@@ -160,7 +172,7 @@ def obs_solve(
     mask: torch.Tensor | None = None,
     factor: Factor | None = None,
 ) -> SolveResult:
-    """Prune one linear layer with OBS (docs/METHOD.md §1).
+    """Prune one linear layer with OBS (docs/METHOD.md §1): :func:`obs_solve_stacked` of one layer.
 
     Args:
         W: (rows, cols) weight; not modified.
@@ -178,21 +190,95 @@ def obs_solve(
     Returns:
         The pruned weight (input dtype), mask, damping used and OBS loss.
     """
-    rows, cols = W.shape
-    dtype = W.dtype
+    masks = None if mask is None else [mask]
+    return obs_solve_stacked([W], H, pattern, damp_frac, block_size, [layer], masks=masks, factor=factor)[0]
+
+
+def obs_solve_stacked(
+    Ws: list[torch.Tensor],
+    H: torch.Tensor,
+    pattern: Pattern,
+    damp_frac: float = 0.01,
+    block_size: int = 128,
+    layers: list[str] | None = None,
+    *,
+    masks: list[torch.Tensor] | None = None,
+    factor: Factor | None = None,
+) -> list[SolveResult]:
+    """Prune layers that read one input (one ``H``) in one column sweep of their row-stacked weights.
+
+    Bit for bit what :func:`obs_solve` gives each layer with the shared ``factor``: the per-column
+    OBS updates act row by row; the unstructured threshold is taken per layer (its rows of each
+    block) and the lazy block update is one GEMM per layer, the same calls a separate solve makes.
+
+    Args:
+        Ws: (rows_i, cols) weights; not modified.
+        H: (cols, cols) their shared Hessian; not modified.
+        pattern: unstructured ratio or N:M.
+        damp_frac: relative damping λ.
+        block_size: columns per lazy-update block ``B``.
+        layers: one name per weight for log and error messages.
+        masks: optional fixed (rows_i, cols) masks, one per weight (see :func:`obs_solve`).
+        factor: ``factorize(H, damp_frac)``, else computed here once.
+
+    Returns:
+        One result per weight, in order.
+    """
+    layers = list(layers) if layers is not None else [""] * len(Ws)
+    cols = Ws[0].shape[1]
+    for W, name in zip(Ws, layers, strict=True):
+        if W.shape[1] != cols:
+            raise ValueError(f"{name}: {W.shape[1]} input columns, the group has {cols}")
     if pattern.kind == "nm" and (cols % pattern.m or block_size % pattern.m):
         raise ValueError(
-            f"{layer}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}"
+            f"{layers[0]}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}"
         )
-    if mask is not None and mask.shape != W.shape:
-        raise ValueError(f"{layer}: mask shape {tuple(mask.shape)} != weight shape {tuple(W.shape)}")
-    fixed_mask = None if mask is None else mask.to(W.device, torch.bool)
-    W = W.detach().clone().float()
+    for W, M, name in zip(Ws, masks if masks is not None else [None] * len(Ws), layers, strict=True):
+        if M is not None and M.shape != W.shape:
+            raise ValueError(f"{name}: mask shape {tuple(M.shape)} != weight shape {tuple(W.shape)}")
+    bounds = [0, *accumulate(W.shape[0] for W in Ws)]
+    segments = list(zip(bounds[:-1], bounds[1:], strict=True))  # row range of each layer in the stack
+    W = torch.cat([W.detach() for W in Ws]).float()  # (Σ rows_i, cols), a copy
+    fixed_mask = None if masks is None else torch.cat([M.to(W.device, torch.bool) for M in masks])
     if factor is None:
-        factor = factorize(H, damp_frac, layer, device=W.device)
-    Hinv, damp, used_frac = factor.Hinv.to(W.device), factor.damp, factor.damp_frac  # upper chol(H⁻¹)
+        factor = factorize(H, damp_frac, layers[0], device=W.device)
     W[:, factor.dead.to(W.device)] = 0  # dead inputs
+    mask, Losses = _sweep(W, factor.Hinv.to(W.device), pattern, block_size, segments, fixed_mask)
+    return [
+        SolveResult(
+            weight=W[r0:r1].to(W0.dtype),
+            mask=mask[r0:r1],
+            damp=factor.damp,
+            damp_frac=factor.damp_frac,
+            obs_loss=float(Losses[r0:r1].sum()),
+        )
+        for W0, (r0, r1) in zip(Ws, segments, strict=True)
+    ]
 
+
+def _sweep(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    pattern: Pattern,
+    block_size: int,
+    segments: list[tuple[int, int]],
+    fixed_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS column sweep over ``W`` (rows, cols) fp32, in place; returns ``(mask, Losses)``.
+
+    Args:
+        W: (rows, cols) weight with dead inputs zeroed, overwritten with the pruned weight.
+        Hinv: (cols, cols) upper Cholesky factor of the damped ``H⁻¹``.
+        pattern: unstructured ratio or N:M (ignored where ``fixed_mask`` is given).
+        block_size: columns per lazy-update block ``B``.
+        segments: ``(r0, r1)`` row ranges of the stacked layers; unstructured thresholds and the
+            lazy-update GEMMs are per segment.
+        fixed_mask: (rows, cols) mask to compensate instead of choosing one.
+
+    Returns:
+        The (rows, cols) mask, ``True`` = removed, and the (rows,) OBS losses.
+    """
+    rows, cols = W.shape
     mask = torch.zeros_like(W, dtype=torch.bool)
     Losses = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, block_size):
@@ -208,7 +294,7 @@ def obs_solve(
         if fixed_mask is not None:
             mask1 = fixed_mask[:, i1:i2].clone()
         elif pattern.kind == "unstructured":
-            mask1 = _block_mask(W1, d1, pattern)
+            mask1 = torch.cat([_block_mask(W1[r0:r1], d1, pattern) for r0, r1 in segments])
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
@@ -231,15 +317,9 @@ def obs_solve(
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = mask1
         Losses += torch.sum(Losses1, 1) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])  # lazy update of later columns
-
-    return SolveResult(
-        weight=W.to(dtype),
-        mask=mask,
-        damp=damp,
-        damp_frac=used_frac,
-        obs_loss=float(Losses.sum()),
-    )
+        for r0, r1 in segments:  # lazy update of later columns, one GEMM per layer
+            W[r0:r1, i2:] -= Err1[r0:r1].matmul(Hinv[i1:i2, i2:])
+    return mask, Losses
 
 
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

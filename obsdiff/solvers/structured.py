@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from obsdiff.solvers.obs import CholeskyError, inverse_cholesky, reconstruction_error
+from obsdiff.solvers.obs import CholeskyError, damped_inverse, reconstruction_error
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +92,30 @@ class HeadResult:
 
 def _prepare(
     W: torch.Tensor, H: torch.Tensor, damp_frac: float, layer: str, pre_removed: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
     """fp32 copies, dead inputs fixed, damping added once (with obs.py's retry rule).
 
     ``pre_removed`` columns (removed by an earlier group of the same layer, e.g. Flux heads before
     MLP neurons of one ``proj_out``) are zeroed and decoupled in ``H`` after the damping, which
     is the state the earlier removal left them in.
+
+    Returns:
+        ``(W, H, damp_frac, H⁻¹)``: the inverse of the damped ``H`` comes from the factorisation
+        that chose the damping (the same numbers as ``_inverse(H)``); ``None`` when
+        ``pre_removed`` changed ``H`` after it.
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float().to(W.device)
     dead = torch.diag(H) == 0  # diag(H) == 0 → H_jj = 1, W[:, j] = 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    _, damp, used_frac = inverse_cholesky(H, damp_frac, layer)
+    inverse, _, damp, used_frac = damped_inverse(H, damp_frac, layer)
     H.diagonal().add_(damp)  # H += λ · mean(diag H) · I
     if pre_removed is not None and pre_removed.numel():
         _mask_hessian(H, pre_removed)
         W[:, pre_removed] = 0
-    return W, H, used_frac
+        inverse = None
+    return W, H, used_frac, inverse
 
 
 def column_range(cols: tuple[int, int] | None, width: int) -> tuple[int, int]:
@@ -218,10 +224,11 @@ def remove_ffn_columns(
     if not 0 <= num_remove <= stop - start:
         raise ValueError(f"{layer}: num_remove={num_remove} must lie in [0, {stop - start}]")
     W0, H0, dtype = W, H, W.dtype
-    W, H, used_frac = _prepare(W, H, damp_frac, layer, pre_removed)
+    W, H, used_frac, Hinv = _prepare(W, H, damp_frac, layer, pre_removed)
     removed = torch.zeros(stop - start, dtype=torch.bool, device=W.device)
-    for n in chunk_sizes(num_remove, first_chunk, chunk, max_chunk):
-        Hinv = _inverse(H, layer)  # (cols, cols)
+    for step, n in enumerate(chunk_sizes(num_remove, first_chunk, chunk, max_chunk)):
+        if step or Hinv is None:  # H was masked since the last inverse
+            Hinv = _inverse(H, layer)  # (cols, cols)
         Wn = W[:, start:stop]  # (rows, neurons)
         saliency = torch.sum(Wn**2, dim=0) / torch.diag(Hinv)[start:stop]  # Σ_r W[r,q]² / [H⁻¹]_qq
         saliency[removed] = float("inf")
@@ -264,9 +271,9 @@ def remove_columns(
     """
     W0, dtype = W, W.dtype
     idx = torch.as_tensor(idx, dtype=torch.long, device=W.device)
-    W, Hd, used_frac = _prepare(W, H, damp_frac, layer, pre_removed)
+    W, Hd, used_frac, Hinv = _prepare(W, H, damp_frac, layer, pre_removed)
     if compensate and idx.numel():
-        obs_remove_columns(W, _inverse(Hd, layer), idx, layer)
+        obs_remove_columns(W, Hinv if Hinv is not None else _inverse(Hd, layer), idx, layer)
     W[:, idx] = 0
     W = W.to(dtype)
     return StructuredResult(
@@ -384,10 +391,11 @@ def remove_heads(
     if not 0 <= num_remove <= heads:
         raise ValueError(f"{layer}: num_remove={num_remove} must lie in [0, {heads}]")
     prepared = [_prepare(Ws[p], Hs[p], damp_frac, f"{layer}[{p}]") for p in range(len(Ws))]
-    Wf, Hf, fracs = (list(x) for x in zip(*prepared, strict=True))  # fp32 W, damped H, λ per projection
+    Wf, Hf, fracs, Hinvs = (list(x) for x in zip(*prepared, strict=True))  # fp32 W, damped H, λ, H⁻¹
     removed: list[int] = []
-    for _ in range(num_remove):
-        Hinvs = [_inverse(H, layer) for H in Hf]
+    for step in range(num_remove):
+        if step:  # the previous head was masked out of every H
+            Hinvs = [_inverse(H, layer) for H in Hf]
         scores = [head_saliency(Wf[p], Hinvs[p], head_dim, set(removed), cols) for p in range(len(Wf))]
         fused = rrf_fuse(scores, set(removed), rrf_k)
         j = pick_head(fused, set(removed), head_ranks(scores[0], set(removed)))

@@ -287,3 +287,13 @@ def test_remove_ffn_columns_on_the_full_range_equals_no_range():
     assert torch.equal(full.removed, default.removed)
     assert torch.equal(full.weight, default.weight)
     assert full.loss == default.loss
+
+
+def test_the_damping_factorisation_is_the_first_removal_steps_inverse_bit_for_bit():
+    from obsdiff.solvers.structured import _inverse, _prepare
+
+    W, H, _ = correlated(8, 32)
+    H[:, 3] = H[3, :] = 0  # a dead input
+    _, Hd, _, first = _prepare(W, H, 0.01, "down")
+    assert torch.equal(first, _inverse(Hd, "down"))  # reused for the first chunk / head instead
+    assert _prepare(W, H, 0.01, "down", pre_removed=torch.tensor([5, 6]))[3] is None  # H changed after it
