@@ -14,6 +14,7 @@ before launch.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -39,6 +40,10 @@ CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGED_CONF.par
 USER_ERRORS = (ConfigError, PromptSourceError, ModelNotAvailableError)
 # What the checks before a run raise for a config the model cannot take (block range, widths, ...).
 CHECK_ERRORS = (*USER_ERRORS, ValueError, KeyError)
+# What the other ranks of a torchrun job add to their command line: no .hydra/, no log file, warnings only.
+FOLLOWER_OVERRIDES = [
+    "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING",
+]  # fmt: skip
 # Lines every run printed that say nothing about the run: (logger, text in the message).
 KNOWN_NOISE = [
     # CLIP/Siglip image processors of the pipelines' components; obsdiff never uses them on images.
@@ -100,6 +105,8 @@ def _check(cfg: DictConfig) -> None:
 def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     """``failed`` in ``status.json`` for an error raised before ``run()`` started (``run()`` records
     its own); a folder holding another config's run, or a finished one, is left as it is."""
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 records it (obsdiff.distributed)
+        return
     try:
         digest = run_hash(cfg)
     except Exception:  # a config that does not even resolve
@@ -125,10 +132,14 @@ def _single_run(cfg: DictConfig, run_dir: Path) -> dict:
     except CHECK_ERRORS as err:
         _record_failure(run_dir, cfg, err)
         _exit_with(err)
+    from obsdiff import distributed
     from obsdiff.run import plan_only, run
 
     try:
-        return plan_only(cfg, run_dir) if cfg.plan_only else run(cfg, run_dir)
+        if cfg.plan_only:
+            return plan_only(cfg, run_dir)
+        with distributed.process_group(cfg.model.device):  # under torchrun: data-parallel calibration
+            return run(cfg, Path(distributed.broadcast_object(str(run_dir))))  # rank 0's run dir
     except USER_ERRORS as err:
         _exit_with(err)
     except Exception:
@@ -193,6 +204,11 @@ def entry() -> None:
     option: a user error) and when the task raised (a bug). The first happens before the task
     function starts, so it is told apart here and given status 2, like every other config error.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(sys.argv[1:]):
+        print("obsdiff: -m sweeps are not data-parallel; launch one torchrun per job", file=sys.stderr)
+        sys.exit(2)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 writes into the run dir
+        sys.argv += FOLLOWER_OVERRIDES
     try:
         main()
     except SystemExit as exit_:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from obsdiff import faults
+from obsdiff import distributed, faults
 from obsdiff.calibration.capture import capture_hessians
 from obsdiff.calibration.hessian_cache import HessianCache
 from obsdiff.calibration.prompts import load_prompts
@@ -200,6 +200,7 @@ def _prune_groupwise(
     if not packages:
         raise ValueError("no target layers or structure groups matched pruner.targets / pruner.blocks")
     log.info("packages (before calibration):\n%s", packages_table(package_summaries(denoiser, strategy, packages)))
+    calib = distributed.shard(calib)  # data-parallel: this rank's prompts (obsdiff.distributed)
     records: list[LayerRecord] = []
     finished = 0 if checkpoints is None else checkpoints.finished(len(packages))
     for k in range(finished):  # the dense model gets the finished packages' shapes, then weights
@@ -222,6 +223,7 @@ def _prune_groupwise(
             def capture(k: int = k, groups: list = groups) -> dict[str, HessianAccumulator]:
                 with capture_hessians(denoiser, groups, tracker) as hessians:
                     calibrate(adapter, pipe, calib, tracker, progress, stage=f"calibrate:{k}")
+                distributed.all_reduce_hessians(hessians)  # data-parallel: every rank's prompts
                 return hessians
 
             if k == 0 and hessian_cache is not None:
@@ -233,7 +235,9 @@ def _prune_groupwise(
                 hessians = capture()
             _check_finite("Hessian", {name: acc.H for name, acc in hessians.items()})
             package_records = []
-            for u, unit in enumerate(package):
+            if distributed.world_size() > 1:  # data-parallel: the ranks share the solves (no loop below)
+                package_records = distributed.prune_package(strategy, denoiser, package, hessians, k)
+            for u, unit in enumerate(package if distributed.world_size() == 1 else []):
                 progress.set_postfix_str(f"{label}: solving {u + 1}/{len(package)}")
                 package_records += strategy.prune_unit(denoiser, unit, hessians, k)
                 faults.reached(f"solve:{k}")
@@ -241,7 +245,7 @@ def _prune_groupwise(
             _check_finite("pruned weight", {n: denoiser.get_submodule(n).weight for n in modules})
             strategy.after_package(adapter, denoiser, package)
             del hessians  # a package's Hessians must not outlive it
-            if checkpoints is not None:
+            if checkpoints is not None and distributed.is_main():  # data-parallel: rank 0 writes
                 checkpoints.save(k, denoiser, modules, package_records, strategy.package_state(package))
             records += package_records
             if on_package_done is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from obsdiff import faults
+from obsdiff import distributed, faults
 from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned, write_model_card
 from obsdiff.calibration.hessian_cache import HessianCache
 from obsdiff.checkpoint import PackageCheckpoints
@@ -61,9 +61,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """
     check_fields(cfg)  # 0. every check that needs no weights; the spec, resolved once
     spec, run_dir, digest = resolve(cfg), Path(run_dir), run_hash(cfg)
+    if not distributed.is_main():  # data-parallel (obsdiff.distributed): only rank 0 writes
+        return _follow(cfg, spec, run_dir, digest)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = PackageCheckpoints(run_dir / "checkpoints", digest)
-    if _claim(cfg, run_dir, digest):
+    if distributed.broadcast_object(_claim(cfg, run_dir, digest)):
         checkpoints.clear()
         log.info("%s already holds this run, done; nothing to redo (skip_done=false redoes it)", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
@@ -80,6 +82,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     checkpoints.clear()
     log.info("done; outputs in %s: %s", run_dir, ", ".join(outputs))
     return metrics
+
+
+def _follow(cfg: DictConfig, spec: RunSpec, run_dir: Path, digest: str) -> dict:
+    """A rank other than 0 of a data-parallel run: calibrate and solve its share, write nothing.
+
+    It waits for rank 0 to claim ``run_dir`` and reads the finished packages rank 0 checkpointed
+    there (resume); it skips the dense baseline, saving and evaluation.
+    """
+    if distributed.broadcast_object(None) or cfg.artifact is not None:  # done already, or nothing to prune
+        return {}
+    torch.set_flush_denormal(cfg.flush_denormal)
+    adapter = get_adapter(spec.family, spec.options)
+    pipe = adapter.load(cfg.model)
+    calib = prepare_calibration(adapter, pipe, cfg.calibration, cfg.schedule)
+    adapter.offload_text_encoders(pipe)
+    checkpoints = PackageCheckpoints(run_dir / "checkpoints", digest)  # read only: rank 0 writes them
+    strategy = _strategy(spec, spec.pattern())
+    prune_groupwise(adapter, pipe, calib, strategy, spec.num_packages, None, checkpoints, None, spec.package_bytes)
+    return {}
 
 
 def _claim(cfg: DictConfig, run_dir: Path, digest: str) -> bool:
@@ -273,6 +294,9 @@ def _hessian_cache(cfg: DictConfig, adapter: ModelAdapter) -> HessianCache | Non
     """``pruner.hessian_cache``: keyed on the denoiser's files, the model config and the library
     versions (as the dense-image cache); the cache adds the calibration and the groups."""
     if cfg.pruner.hessian_cache is None:
+        return None
+    if distributed.world_size() > 1:  # a hit on rank 0 alone would leave the others calibrating
+        log.warning("pruner.hessian_cache is not used in data-parallel runs: every package is calibrated")
         return None
     from obsdiff.provenance import config_hash, files_fingerprint
 

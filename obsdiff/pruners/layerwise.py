@@ -53,6 +53,7 @@ class LayerwiseStrategy:
     ) -> list[LayerRecord]:
         records = []
         for group in unit:  # one factorisation of the group's Hessian, one sweep or one solve per layer
+            factor = None  # the last group's factor is freed before this one's is computed
             acc, factorize = hessians[group[0]], getattr(self.solver, "factorize", None)
             stacked = getattr(self.solver, "stacked", None)
             t0 = time.perf_counter()
