@@ -35,8 +35,9 @@ from obsdiff.packages import split_by_bytes
 
 # fp32 (cols, cols) matrices alive at once while a Hessian is damped and factorised: the copy,
 # the identity, the damped sum, the Cholesky factor, its inverse, the inverse's factor and the
-# finiteness check (measured with LiveBytes on obsdiff.solvers.layer_solver: 6.75).
-FACTOR_MATRICES = 7
+# finiteness check, and H⁻¹ kept for structured removals (measured with LiveBytes on
+# obsdiff.solvers.layer_solver: 7.75).
+FACTOR_MATRICES = 8
 # fp32 (rows, cols) matrices alive at once in a solve beside its factor: the working copy, the
 # block copies, the pruned result and mask, the loss's ΔW, ΔW·H and W·H (measured: 7.45).
 SOLVE_MATRICES = 8
