@@ -61,7 +61,8 @@ def files_fingerprint(*locations: str | Path) -> str:
 
 
 # Fields that change how a run is carried out or recorded, never what it computes.
-NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric", "pruner.hessian_cache")
+NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric", "pruner.hessian_cache", "model.offload",
+              "model.offload_stream")  # fmt: skip
 
 
 def run_hash(cfg: Any) -> str:
