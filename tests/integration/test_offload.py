@@ -24,6 +24,7 @@ SMALL = [
     "pruner.num_packages=2", "eval=none", "logger=none",
 ]  # fmt: skip
 WEIGHTS = "pruned/diffusion_pytorch_model.safetensors"
+RUNS = {"sd3": "model=tiny_sd3", "flux": "model=tiny_flux", "heads": "model=tiny_sd3 sparsity=structured"}
 
 
 def outputs(run_dir):
@@ -32,8 +33,8 @@ def outputs(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny_sd3", "tiny_flux"])
-def test_an_offloaded_run_equals_a_plain_one_bit_for_bit(compose_cfg, tmp_path, monkeypatch, model):
+@pytest.mark.parametrize("overrides", RUNS.values(), ids=RUNS.keys())
+def test_an_offloaded_run_equals_a_plain_one_bit_for_bit(compose_cfg, tmp_path, monkeypatch, overrides):
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     from obsdiff.models.base import ModelAdapter
@@ -47,10 +48,10 @@ def test_an_offloaded_run_equals_a_plain_one_bit_for_bit(compose_cfg, tmp_path, 
 
     monkeypatch.setattr(ModelAdapter, "denoise", watched)
     plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
-    run(compose_cfg(f"model={model}", *SMALL), plain)
+    run(compose_cfg(*overrides.split(), *SMALL), plain)
     assert seen and not any(seen)
     seen.clear()
-    run(compose_cfg(f"model={model}", *SMALL, "model.offload=group"), offloaded)
+    run(compose_cfg(*overrides.split(), *SMALL, "model.offload=group"), offloaded)
     assert seen and all(seen)  # both packages' calibrations ran offloaded
     (rows_a, w_a), (rows_b, w_b) = outputs(plain), outputs(offloaded)
     assert rows_a == rows_b and len(rows_a) > 1
