@@ -169,6 +169,8 @@ def base_model_config(artifact: Path, manifest: dict, /, need_path: bool = True,
             that ``overrides`` does not replace.
     """
     saved_model = {**manifest["model"], "path": _local(str(manifest["model"]["path"]))}
+    for key in ("offload", "offload_stream"):  # how the pruning run ran: a loaded pipeline runs as is
+        saved_model.pop(key, None)
     model_cfg = OmegaConf.create({**saved_model, **overrides})
     if need_path and str(model_cfg.path).startswith(".../"):  # see portable()
         raise ArtifactMismatchError(

@@ -61,7 +61,8 @@ def files_fingerprint(*locations: str | Path) -> str:
 
 
 # Fields that change how a run is carried out or recorded, never what it computes.
-NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric", "pruner.hessian_cache", "plan_only")
+NOT_HASHED = ("resume", "skip_done", "logger", "optimized_metric", "pruner.hessian_cache", "plan_only",
+              "model.offload", "model.offload_stream")  # fmt: skip
 
 
 def run_hash(cfg: Any) -> str:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from obsdiff import distributed, faults
 from obsdiff.calibration.capture import capture_hessians
+from obsdiff.calibration.compiled import compiled
 from obsdiff.calibration.hessian_cache import HessianCache
 from obsdiff.calibration.prompts import load_prompts
 from obsdiff.calibration.timesteps import StepTracker, timestep_weights
@@ -45,6 +46,7 @@ class Calibration:
         resolution: image side in pixels.
         batch_size: prompts per sampler call.
         timestep_weights: ``α_0 … α_{T-1}``.
+        compile: run the denoiser through ``torch.compile`` while Hessians accumulate.
     """
 
     embeds: dict
@@ -54,6 +56,7 @@ class Calibration:
     resolution: int
     batch_size: int
     timestep_weights: list[float]
+    compile: bool = False
 
 
 class Strategy(Protocol):
@@ -94,6 +97,7 @@ def prepare_calibration(adapter: ModelAdapter, pipe: Any, calibration: Any, sche
         resolution=c.resolution,
         batch_size=c.batch_size,
         timestep_weights=timestep_weights(sch.name, c.num_steps, sch.alpha_min, sch.alpha_max),
+        compile=c.get("compile", False),
     )
 
 
@@ -196,6 +200,7 @@ def _prune_groupwise(
     package_bytes: int | None,
 ) -> list[LayerRecord]:
     denoiser: nn.Module = adapter.denoiser(pipe)
+    offload = adapter.offload  # model.offload=group: Hessians and solves on its run device
     packages = make_packages(adapter, denoiser, strategy, num_packages, package_bytes)
     if not packages:
         raise ValueError("no target layers or structure groups matched pruner.targets / pruner.blocks")
@@ -221,19 +226,26 @@ def _prune_groupwise(
             groups = [group for unit in package for group in strategy.input_groups(unit)]
 
             def capture(k: int = k, groups: list = groups) -> dict[str, HessianAccumulator]:
-                with capture_hessians(denoiser, groups, tracker) as hessians:
+                with (
+                    capture_hessians(denoiser, groups, tracker, offload.onload_device) as hessians,
+                    offload.sampling(denoiser),
+                    compiled(denoiser, calib.compile),
+                ):
                     calibrate(adapter, pipe, calib, tracker, progress, stage=f"calibrate:{k}")
                 distributed.all_reduce_hessians(hessians)  # data-parallel: every rank's prompts
                 return hessians
 
             if k == 0 and hessian_cache is not None:
                 devices = [denoiser.get_submodule(group[0]).weight.device for group in groups]
+                devices = [offload.onload_device or device for device in devices]  # offloaded: the run device
                 hessians, cached = hessian_cache.get(groups, calib, devices, capture)
                 if cached:
                     progress.update(len(calib.seeds) * calib.num_steps)
             else:
                 hessians = capture()
             _check_finite("Hessian", {name: acc.H for name, acc in hessians.items()})
+            modules = [name for unit in package for name in strategy.modules(unit)]
+            offload.onload(denoiser, modules)  # the package's layers on the run device for the solve
             package_records = []
             if distributed.world_size() > 1:  # data-parallel: the ranks share the solves (no loop below)
                 package_records = distributed.prune_package(strategy, denoiser, package, hessians, k)
@@ -241,9 +253,9 @@ def _prune_groupwise(
                 progress.set_postfix_str(f"{label}: solving {u + 1}/{len(package)}")
                 package_records += strategy.prune_unit(denoiser, unit, hessians, k)
                 faults.reached(f"solve:{k}")
-            modules = [name for unit in package for name in strategy.modules(unit)]
             _check_finite("pruned weight", {n: denoiser.get_submodule(n).weight for n in modules})
             strategy.after_package(adapter, denoiser, package)
+            offload.offload(denoiser, modules)  # where the next sampler run copies them from
             del hessians  # a package's Hessians must not outlive it
             if checkpoints is not None and distributed.is_main():  # data-parallel: rank 0 writes
                 checkpoints.save(k, denoiser, modules, package_records, strategy.package_state(package))

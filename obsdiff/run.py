@@ -301,7 +301,8 @@ def _hessian_cache(cfg: DictConfig, adapter: ModelAdapter) -> HessianCache | Non
     from obsdiff.provenance import config_hash, files_fingerprint
 
     files = files_fingerprint(adapter.weights_location(cfg.model))
-    model = {k: v for k, v in cfg.model.items() if k != "sampler"}  # the calibration is keyed by the cache
+    # the calibration is keyed by the cache; offloading moves weights, it changes no Hessian
+    model = {k: v for k, v in cfg.model.items() if k not in ("sampler", "offload", "offload_stream")}
     key = config_hash(OmegaConf.create({"model": model, "versions": library_versions(), "files": files}))
     return HessianCache(cfg.pruner.hessian_cache, key)
 

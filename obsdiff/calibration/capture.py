@@ -4,7 +4,8 @@
 same input tensor, e.g. ``to_q/to_k/to_v``), so those layers share a single Hessian, and it
 removes every hook in ``finally``. A group may span blocks (the UNet's cross-attention K/V read
 the text embedding in every block): the hook sits on its first layer, which sees that tensor
-once per denoiser call. Conv2d inputs are unfolded (``obsdiff.layers``).
+once per denoiser call. Conv2d inputs are unfolded (``obsdiff.layers``). The hooks are
+``torch.compiler.disable``-d: under ``calibration.compile`` each runs eagerly at a graph break.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def capture_hessians(
             acc = HessianAccumulator(columns(first), device or first.weight.device)
             for name in group:
                 hessians[name] = acc
-            handles.append(first.register_forward_pre_hook(make_hook(acc)))
+            handles.append(first.register_forward_pre_hook(torch.compiler.disable(make_hook(acc))))
         yield hessians
     finally:
         for handle in handles:

@@ -40,6 +40,10 @@ class ModelConfig:
     path: str = "tiny_digits"  # embedded: tiny_digits (trained), tiny (random); else hub id or folder
     torch_dtype: str = "float32"
     device: str = "auto"
+    # none | group: the denoiser's weights wait on the CPU and diffusers' group offloading moves one
+    # block at a time to model.device while the sampler runs (models larger than the GPU)
+    offload: str = "none"
+    offload_stream: bool = False  # group: overlap transfers and compute on a CUDA stream
     # family-specific model options, checked by the family's adapter (SD3: text_encoder_3, ...)
     options: dict[str, Any] = field(default_factory=dict)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -62,6 +66,11 @@ class PromptsConfig:
     resolution: int = II("model.sampler.resolution")
     batch_size: int = II("model.sampler.calibration.batch_size")
     seed: int = 0
+
+
+@dataclass
+class CalibrationConfig(PromptsConfig):
+    compile: bool = False  # torch.compile the denoiser while Hessians accumulate (recompiles per package)
 
 
 @dataclass
@@ -143,7 +152,7 @@ class LoggerConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    calibration: PromptsConfig = field(default_factory=PromptsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)

@@ -51,6 +51,7 @@ DIGITS_ONLY = {
     "real_images": ("digits_heldout",),
 }
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+OFFLOADS = ("none", "group")
 METRIC_GROUPS = ("prune", "model", "dense", "eval")  # the prefixes of run()'s metric names
 BLOCKS_ALLOWED = (
     'null, a non-empty list of distinct block indices >= 0, or "start:stop" (negative from the end)'
@@ -130,12 +131,32 @@ def check_model(model: DictConfig) -> None:
     if not (isinstance(model.device, str) and DEVICES.fullmatch(model.device)):
         fail("model.device", model.device, "auto, cpu, mps, cuda or cuda:<index>")
     one_of("model.prompt_domain", model.prompt_domain, PROMPT_DOMAINS)
+    check_offload(model)
     sampler = model.sampler
     int_at_least("model.sampler.resolution", sampler.resolution, 1)
     number_at_least("model.sampler.guidance_scale", sampler.guidance_scale, 0, " (> 1 turns on CFG)")
     for use in ("calibration", "eval"):
         for key in ("num_prompts", "num_steps", "batch_size"):
             int_at_least(f"model.sampler.{use}.{key}", sampler[use][key], 1)
+
+
+def check_offload(model: DictConfig) -> None:
+    """``model.offload`` / ``model.offload_stream``: group offloading where diffusers can run it."""
+    one_of("model.offload", model.offload, OFFLOADS)
+    if model.offload == "group" and not _installed("accelerate"):
+        fail("model.offload", model.offload, 'none; or pip install "obsdiff[offload]" (accelerate)')
+    if model.offload == "group" and model.family == "generic":
+        fail(
+            "model.offload", model.offload, "none for model.family=generic (its load probes the sampler "
+            "and groups layers by running the denoiser in place, without offloading hooks)"
+        )  # fmt: skip
+    if model.offload_stream and model.offload != "group":
+        fail("model.offload_stream", True, f"false for model.offload={model.offload} (no blocks to stream)")
+    if model.offload_stream and not model.device.startswith("cuda"):
+        fail(
+            "model.offload_stream", True, f"false for model.device={model.device}: diffusers' streamed "
+            "offloading needs a CUDA onload device (set model.device=cuda or cuda:<index>)"
+        )  # fmt: skip
 
 
 def check_sparsity(cfg: DictConfig) -> None:

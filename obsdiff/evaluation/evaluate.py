@@ -52,21 +52,24 @@ def prepare_eval_set(adapter: ModelAdapter, pipe: Any, ecfg: Any) -> EvalSet:
 def generate(
     adapter: ModelAdapter, pipe: Any, evalset: EvalSet, ecfg: Any, seeds: list[int], desc: str
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] on the CPU, one generator per prompt."""
+    """Images (N, 3, H, W) in [0, 1] on the CPU, one generator per prompt (``model.offload=group``:
+    offloading hooks for the whole generation)."""
     images = []
-    for start in tqdm(range(0, len(seeds), ecfg.batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        stop = min(start + ecfg.batch_size, len(seeds))
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:stop]]
-        out = adapter.denoise(
-            pipe,
-            slice_embeds(evalset.embeds, start, stop),
-            generators,
-            ecfg.num_steps,
-            ecfg.guidance_scale,
-            ecfg.resolution,
-            output_type="pt",
-        )
-        images.append(out.float().clamp(0, 1).cpu())
+    batches = tqdm(range(0, len(seeds), ecfg.batch_size), desc=desc, unit="batch", dynamic_ncols=True)
+    with adapter.offload.sampling(adapter.denoiser(pipe)):
+        for start in batches:
+            stop = min(start + ecfg.batch_size, len(seeds))
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:stop]]
+            out = adapter.denoise(
+                pipe,
+                slice_embeds(evalset.embeds, start, stop),
+                generators,
+                ecfg.num_steps,
+                ecfg.guidance_scale,
+                ecfg.resolution,
+                output_type="pt",
+            )
+            images.append(out.float().clamp(0, 1).cpu())
     return torch.cat(images)
 
 

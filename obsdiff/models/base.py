@@ -19,6 +19,7 @@ from typing import Any
 
 from obsdiff.lazy import nn, torch
 from obsdiff.models.structure import HeadGroup, StructureUnit
+from obsdiff.offload import Offload
 
 # A basic unit: input groups (layers that see the same input) whose inputs are independent
 # within one forward pass. Names are relative to the denoiser.
@@ -73,6 +74,7 @@ class ModelAdapter:
     embedded: Mapping[str, Path] = {}
     known_configs: Mapping[str, str] = {}
     latent_packing = 1  # latent cells per side in one token beyond ``patch_size`` (Flux: 2x2 packing)
+    offload = Offload()  # model.offload of the loaded pipeline (``place`` sets it)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -183,6 +185,20 @@ class ModelAdapter:
     def load(self, model_cfg: Any) -> Any:
         """Load the pipeline on the configured device and dtype."""
         raise NotImplementedError
+
+    def place(self, pipe: Any, model_cfg: Any) -> Any:
+        """Move the loaded pipeline to ``model.device``; with ``model.offload=group`` the denoiser
+        stays on the CPU and its blocks visit the device only while a sampler runs (``self.offload``)."""
+        device = resolve_device(model_cfg.device)
+        self.offload = Offload.from_config(model_cfg, device)
+        if not self.offload.enabled:
+            return pipe.to(device)
+        denoiser = self.denoiser(pipe)
+        for component in pipe.components.values():
+            if isinstance(component, nn.Module) and component is not denoiser:
+                component.to(device)
+        denoiser.to("cpu")
+        return pipe
 
     def denoiser(self, pipe: Any) -> nn.Module:
         return getattr(pipe, self.denoiser_subfolder)

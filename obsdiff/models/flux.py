@@ -32,7 +32,6 @@ from obsdiff.models.base import (
     encode_in_batches,
     not_available,
     random_inputs,
-    resolve_device,
     table_units,
     torch_dtype,
 )
@@ -136,7 +135,7 @@ class FluxAdapter(ModelAdapter):
     # -- the pipeline ----------------------------------------------------------------------------
 
     def load(self, model_cfg: Any) -> Any:
-        device, dtype = resolve_device(model_cfg.device), torch_dtype(model_cfg.torch_dtype)
+        dtype = torch_dtype(model_cfg.torch_dtype)
         if model_cfg.path == "tiny":
             from obsdiff.models.tiny_flux import build_tiny_flux_pipeline
 
@@ -151,7 +150,7 @@ class FluxAdapter(ModelAdapter):
             except OSError as err:
                 raise not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return self.place(pipe, model_cfg)
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
         num_double = len(denoiser.transformer_blocks)

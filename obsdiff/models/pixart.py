@@ -35,7 +35,6 @@ from obsdiff.models.base import (
     encode_in_batches,
     not_available,
     random_inputs,
-    resolve_device,
     torch_dtype,
 )
 from obsdiff.models.structure import StructureUnit
@@ -98,7 +97,7 @@ class PixArtAdapter(ModelAdapter):
     # -- the pipeline ----------------------------------------------------------------------------
 
     def load(self, model_cfg: Any) -> Any:
-        device, dtype = resolve_device(model_cfg.device), torch_dtype(model_cfg.torch_dtype)
+        dtype = torch_dtype(model_cfg.torch_dtype)
         if model_cfg.path == "tiny":
             from obsdiff.models.tiny_pixart import build_tiny_pixart_pipeline
 
@@ -113,7 +112,7 @@ class PixArtAdapter(ModelAdapter):
             except OSError as err:
                 raise not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return self.place(pipe, model_cfg)
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
         indices = range(len(getattr(denoiser, BLOCKS))) if blocks is None else sorted(blocks)

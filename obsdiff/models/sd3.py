@@ -17,7 +17,6 @@ from obsdiff.models.base import (
     encode_in_batches,
     not_available,
     random_inputs,
-    resolve_device,
     table_units,
     torch_dtype,
 )
@@ -110,7 +109,7 @@ class SD3Adapter(ModelAdapter):
     # -- the pipeline ----------------------------------------------------------------------------
 
     def load(self, model_cfg: Any) -> Any:
-        device, dtype = resolve_device(model_cfg.device), torch_dtype(model_cfg.torch_dtype)
+        dtype = torch_dtype(model_cfg.torch_dtype)
         if model_cfg.path in TINY_CONFIGS:
             from obsdiff.models.tiny_sd3 import build_tiny_sd3_pipeline
 
@@ -128,7 +127,7 @@ class SD3Adapter(ModelAdapter):
             except OSError as err:
                 raise not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return self.place(pipe, model_cfg)
 
     def units(self, denoiser: nn.Module, blocks: Sequence[int] | None, targets: Sequence[str]) -> list[Unit]:
         indices = range(len(denoiser.transformer_blocks)) if blocks is None else sorted(blocks)

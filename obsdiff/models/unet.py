@@ -29,7 +29,6 @@ from obsdiff.models.base import (
     encode_in_batches,
     not_available,
     random_inputs,
-    resolve_device,
     torch_dtype,
 )
 from obsdiff.models.structure import StructureUnit
@@ -199,7 +198,7 @@ class UNetAdapter(ModelAdapter):
     # -- the pipeline ----------------------------------------------------------------------------
 
     def load(self, model_cfg: Any) -> Any:
-        device, dtype = resolve_device(model_cfg.device), torch_dtype(model_cfg.torch_dtype)
+        dtype = torch_dtype(model_cfg.torch_dtype)
         if model_cfg.path in self.tiny_configs:
             from obsdiff.models import tiny_unet
 
@@ -217,7 +216,7 @@ class UNetAdapter(ModelAdapter):
             except OSError as err:
                 raise not_available(model_cfg.path, err) from err
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return self.place(pipe, model_cfg)
 
     def load_kwargs(self) -> dict:
         return {}
