@@ -74,6 +74,15 @@ class TimedSolver:
         self.seconds += time.perf_counter() - t0
         return result
 
+    def stacked(self, Ws: list[torch.Tensor], H: torch.Tensor, pattern: Pattern, **kwargs: Any) -> list[SolveResult]:
+        """The wrapped solver's row-stacked sweep of one input group (timed with the solves)."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        results = self.solver.stacked(Ws, H, pattern, **kwargs)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return results
+
     def factorize(self, H: torch.Tensor, *, layer: str = "") -> Any:
         """The wrapped solver's per-group factor (timed with the solves), if it has one."""
         factorize = getattr(self.solver, "factorize", None)
@@ -85,6 +94,12 @@ class TimedSolver:
         sync(self.device)
         self.seconds += time.perf_counter() - t0
         return factor
+
+
+class SeparateTimedSolver(TimedSolver):
+    """``--no-stack``: every layer of an input group solved on its own (the shared factor stays)."""
+
+    stacked = None
 
 
 class TimedSD3Adapter(SD3Adapter):
@@ -165,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=7.0)
     p.add_argument("--schedule", default="log_decrease")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stack", action="store_true", help="solve the layers of an input group one by one")
+    p.add_argument("--compile", action="store_true", help="calibration.compile: torch.compile the denoiser")
     p.add_argument("--live-bytes", action="store_true",
                    help="CPU: measure the peak of live tensors (obsdiff.plan.LiveBytes; slows the run)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -196,8 +213,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds=[args.seed + 1000 + i for i in range(args.num_prompts)],
         num_steps=args.num_steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
         batch_size=args.batch_size, timestep_weights=timestep_weights(args.schedule, args.num_steps),
+        compile=args.compile,
     )  # fmt: skip
-    adapter, solver = TimedSD3Adapter(device), TimedSolver(layer_solver("obs", "obs"), device)
+    timed = SeparateTimedSolver if args.no_stack else TimedSolver
+    adapter, solver = TimedSD3Adapter(device), timed(layer_solver("obs", "obs"), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     pattern, targets = parse_pattern(args.pattern, args.sparsity), list(adapter.default_targets)

@@ -50,7 +50,8 @@ class LiveBytes(TorchDispatchMode):
     """Peak bytes of tensor storages alive at once, among those created while the mode is on.
 
     Works on ``meta`` tensors (shapes only) as on real ones; a storage counts from the op that
-    created it until it is freed, however many views share it.
+    created it until it is freed, however many views share it (a view or an in-place result of a
+    tensor made before the mode, such as a weight, is not new memory).
     """
 
     def __init__(self) -> None:
@@ -65,11 +66,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 key = storage._cdata
-                if key not in self._alive:
+                if key not in self._alive and key not in inputs:  # views and in-place results are not new
                     self._alive.add(key)
                     self.live += storage.nbytes()
                     weakref.finalize(storage, self._free, key, storage.nbytes())
@@ -115,9 +117,13 @@ class MemoryPlan:
     batch: int  # rows of a calibration denoiser call (CFG-doubled)
     resolution: int
     packages: list[PackageBytes]
+    onloaded_bytes: int | None = None  # model.offload=group: the largest block + the modules outside blocks
 
     def package_peak(self, p: PackageBytes) -> int:
-        return self.denoiser_bytes + p.hessian_bytes + max(self.activation_bytes + p.hook_bytes, p.solve_bytes)
+        calibrate = self.activation_bytes + p.hook_bytes
+        if self.onloaded_bytes is not None:  # one block on the device while sampling; the package's layers to solve
+            return p.hessian_bytes + max(self.onloaded_bytes + calibrate, p.weight_bytes + p.solve_bytes)
+        return self.denoiser_bytes + p.hessian_bytes + max(calibrate, p.solve_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -144,6 +150,7 @@ class MemoryPlan:
             "plan/denoiser_bytes": self.denoiser_bytes,
             "plan/activation_bytes": self.activation_bytes,
             "plan/device": self.device,
+            "plan/offloaded": self.onloaded_bytes is not None,
         }
 
     def table(self) -> str:
@@ -246,6 +253,7 @@ def build_plan(
     batch: int,
     resolution: int,
     capacity: int | None,
+    offloaded: bool = False,
 ) -> MemoryPlan:
     """The plan of ``packages`` of units of ``denoiser`` (a ``meta`` one at the run dtype: shapes only).
 
@@ -253,6 +261,7 @@ def build_plan(
         input_groups: unit → its input groups (the strategy's).
         inputs: one calibration forward's keyword inputs (``meta`` tensors).
         device: where the run puts the denoiser and its Hessians.
+        offloaded: ``model.offload=group``: the weights wait on the CPU, one block at a time on ``device``.
     """
     all_groups = [group for package in packages for unit in package for group in input_groups(unit)]
     activations, hook = measure_forward(denoiser, inputs, all_groups)
@@ -263,8 +272,16 @@ def build_plan(
         p.hook_bytes = max((hook.get(g[0], 0) for g in groups), default=0)
         p.device = device
         plans.append(p)
-    weights = sum(t.numel() * t.element_size() for t in [*denoiser.parameters(), *denoiser.buffers()])
-    return MemoryPlan(device, capacity, weights, activations, batch, resolution, plans)
+    weights = _bytes(denoiser)
+    onloaded = None
+    if offloaded:
+        blocks = [m for module in denoiser.modules() if isinstance(module, nn.ModuleList) for m in module]
+        onloaded = max(map(_bytes, blocks), default=0) + weights - sum(map(_bytes, blocks))
+    return MemoryPlan(device, capacity, weights, activations, batch, resolution, plans, onloaded)
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def device_capacity(device: torch.device) -> int | None:
@@ -292,7 +309,8 @@ def check_fits(plan: MemoryPlan, unit_sizes: Sequence[int], batch_size: int) -> 
         f"{_gb(largest.hessian_bytes)}, denoiser {_gb(plan.denoiser_bytes)}, activations "
         f"{_gb(plan.activation_bytes)}); {int(100 * USABLE)}% of the device is {_gb(usable)}"
     )
-    fixed = plan.denoiser_bytes + max(plan.activation_bytes + largest.hook_bytes, largest.solve_bytes)
+    resident = plan.denoiser_bytes if plan.onloaded_bytes is None else plan.onloaded_bytes + largest.weight_bytes
+    fixed = resident + max(plan.activation_bytes + largest.hook_bytes, largest.solve_bytes)
     budget = usable - fixed
     if budget >= max(unit_sizes):
         count = len(split_by_bytes(list(unit_sizes), unit_sizes, budget))
@@ -302,7 +320,9 @@ def check_fits(plan: MemoryPlan, unit_sizes: Sequence[int], batch_size: int) -> 
                                   max(plan.activation_bytes, 1)))  # fmt: skip
         if scale < batch_size and usable - plan.denoiser_bytes > max(unit_sizes):
             raise PlanError(f"{head}: set calibration.batch_size={scale} and pruner.package_bytes to fit")
-    raise PlanError(f"{head}: one unit does not fit beside the weights; use model.offload=group or a larger device")
+    if plan.onloaded_bytes is None:
+        raise PlanError(f"{head}: one unit does not fit beside the weights; set model.offload=group")
+    raise PlanError(f"{head}: one unit does not fit even with model.offload=group; use a larger device")
 
 
 def _gb(nbytes: float) -> str:

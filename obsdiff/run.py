@@ -257,7 +257,8 @@ def memory_plan(cfg: DictConfig, spec: RunSpec, adapter: ModelAdapter) -> tuple[
     inputs = adapter.example_inputs(denoiser, batch, latent_size, adapter.planned_text_tokens(cfg.model))
     device = resolve_device(cfg.model.device)
     plan = build_plan(denoiser, packages, strategy.input_groups, inputs, device=str(device), batch=batch,
-                      resolution=c.resolution, capacity=device_capacity(device))  # fmt: skip
+                      resolution=c.resolution, capacity=device_capacity(device),
+                      offloaded=cfg.model.get("offload", "none") == "group")  # fmt: skip
     return plan, [unit_bytes(denoiser, strategy.input_groups(u)) for package in packages for u in package]
 
 
