@@ -275,7 +275,7 @@ def build_plan(
     weights = _bytes(denoiser)
     onloaded = None
     if offloaded:
-        blocks = [m for module in denoiser.modules() if isinstance(module, nn.ModuleList) for m in module]
+        blocks = [m for module in denoiser.children() if isinstance(module, nn.ModuleList) for m in module]
         onloaded = max(map(_bytes, blocks), default=0) + weights - sum(map(_bytes, blocks))
     return MemoryPlan(device, capacity, weights, activations, batch, resolution, plans, onloaded)
 
