@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded tiny SD3 pipeline and composed configs (offline, CPU)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,36 @@ def cli(tmp_path):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
     return _cli
+
+
+@pytest.fixture
+def make_coco_captions(tmp_path):
+    """Writes a fake ``captions_val2014.json`` of N images into tmp_path and returns its path:
+    image ids 7, 14, … in shuffled file order, two captions each (the later annotation id listed
+    first), and COCO's ``images`` entries with their file names."""
+
+    def _make(num_images: int, name: str = "captions_val2014.json") -> Path:
+        ids = [7 * (i + 1) for i in range(num_images)]
+        order = ids[::2] + ids[1::2]  # not ascending: the rule must sort
+        annotations = [
+            ann
+            for image_id in order
+            for ann in (
+                {
+                    "id": 2 * image_id + 1,
+                    "image_id": image_id,
+                    "caption": f"second caption of image {image_id}",
+                },
+                {
+                    "id": 2 * image_id,
+                    "image_id": image_id,
+                    "caption": f"  first caption of image {image_id}\n",
+                },
+            )
+        ]
+        images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in order]
+        path = tmp_path / name
+        path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
+        return path
+
+    return _make

@@ -220,6 +220,7 @@ PROMPT_SOURCES: Registry[PromptSource] = Registry(
         "tiny": PromptSource(_load_tiny),
         "digits": PromptSource(_load_digits, check=_check_digits),
         "file": PromptSource(_load_file),
+        "coco": "obsdiff.evaluation.coco:COCO_SOURCE",  # the locked eval=coco caption rule
         "hf": PromptSource(_load_hf, check=_check_hf),
     },
 )
@@ -270,7 +271,7 @@ def load_prompts(
     """Load the first ``num_prompts`` prompts of a source, in source order.
 
     Args:
-        source: Name in ``PROMPT_SOURCES`` (``tiny``, ``file``, ``hf``).
+        source: Name in ``PROMPT_SOURCES`` (``tiny``, ``file``, ``coco``, ``hf``).
         num_prompts: Number of prompts to return (>= 1, at most the size of the source).
         path: Prompt file for the ``file`` source.
         column: Column or JSON key with the prompts; defaults to ``Prompt``, ``caption``, ``text``

@@ -131,6 +131,8 @@ class EvalConfig(PromptsConfig):
     feature_net: str = "efficientnet_lite0"
     feature_weights: str | None = None
     reference_dir: str | None = None  # folder of real images (coco)
+    protocol_sha256: str | None = None  # source=coco: sha256 of the chosen (image id, caption) pairs
+    check_protocol: bool = True  # source=coco: false accepts captions other than the pinned ones
     real_images: str | None = None  # packaged real images by name (tiny: digits_heldout)
     reference_seed: int | None = 5000  # fid_dense: the dense model with these seeds; null = none
     clip_model: str | None = "tiny"  # a CLIP hub id or folder; tiny = random plumbing check; null = none

@@ -34,6 +34,7 @@ from obsdiff.config.fields import (
     valid_name,
 )
 from obsdiff.evaluation import FEATURE_NETS, PROMPT_JUDGES, REAL_IMAGES
+from obsdiff.evaluation.coco import protocol_error
 from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, STRUCTURED_METHODS, UPDATES
 
 # torch dtype names of ``model.torch_dtype`` (``obsdiff.models.base.DTYPES``; a test keeps them equal).
@@ -265,6 +266,13 @@ def check_prompts(cfg: DictConfig, group: str) -> None:
         raise ConfigError(str(err)) from err
 
 
+def _check_coco_protocol(ecfg: DictConfig) -> None:
+    """``eval.source=coco``: the chosen captions hash to the pinned ``eval.protocol_sha256``."""
+    error = protocol_error(ecfg)
+    if error is not None:
+        raise ConfigError(error)
+
+
 def check_eval(cfg: DictConfig) -> None:
     """``eval``: its kind, references (real images or a dense-model seed range apart from the eval
     seeds), prompt judge, FID feature net and CLIP model."""
@@ -272,6 +280,8 @@ def check_eval(cfg: DictConfig) -> None:
     one_of("eval.kind", ecfg.kind, EVAL_KINDS)
     if ecfg.kind == "none":
         return
+    if ecfg.source == "coco":
+        _check_coco_protocol(ecfg)
     if ecfg.reference_dir is not None and ecfg.real_images is not None:
         fail(
             "eval.reference_dir", ecfg.reference_dir, "null when eval.real_images is set (one reference set)"

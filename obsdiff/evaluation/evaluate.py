@@ -172,7 +172,11 @@ class Scorer:
         ecfg = self.ecfg
         real = ecfg.reference_dir or ecfg.get("real_images")
         dense = f"dense model, seeds from {ecfg.reference_seed}"
-        names = {"eval/fid_feature_net": ecfg.feature_net, "eval/fid_reference": str(real or dense)}
+        names = {
+            "eval/fid_feature_net": ecfg.feature_net,
+            "eval/fid_resize": getattr(self.feature_net, "resize", "the feature net's own"),
+            "eval/fid_reference": str(real or dense),
+        }
         if self.clip_name:
             names["eval/clip_network"] = self.clip_name
         if self.judge_name:
@@ -203,6 +207,8 @@ def real_reference(
     image set, resolution and feature network, so a sweep computes them once."""
     from obsdiff.provenance import config_hash, files_fingerprint, library_versions
 
+    if ecfg.source == "coco" and ecfg.reference_dir:
+        return coco_reference(ecfg, feature_net, cache_dir)
     if not ecfg.reference_dir and not ecfg.get("real_images"):
         return None
     what = {
@@ -213,6 +219,24 @@ def real_reference(
         "versions": library_versions(),
     }
     path = Path(cache_dir) / "fid_reference" / f"{config_hash(OmegaConf.create(what))}.safetensors"
+    return _cached_reference(
+        path, lambda: FidReference.from_images(load_real_images(ecfg, count), feature_net)
+    )
+
+
+def coco_reference(ecfg: Any, feature_net: torch.nn.Module, cache_dir: str) -> FidReference:
+    """Feature statistics of the real COCO photos of exactly the protocol's image ids, centre-cropped
+    and resized (:meth:`FidReference.from_files`), cached per image list, feature net and resize
+    (:func:`obsdiff.evaluation.coco.reference_photos`)."""
+    from obsdiff.evaluation.coco import reference_photos
+
+    paths, key = reference_photos(ecfg, getattr(feature_net, "resize", type(feature_net).__name__))
+    path = Path(cache_dir) / "fid_reference" / f"coco-{key}.safetensors"
+    return _cached_reference(path, lambda: FidReference.from_files(paths, feature_net))
+
+
+def _cached_reference(path: Path, compute: Callable[[], FidReference]) -> FidReference:
+    """Reference statistics read from ``path``, or computed once and saved there."""
 
     def load() -> FidReference | None:
         if not path.exists():
@@ -221,7 +245,7 @@ def real_reference(
         return FidReference(stats["mean"], stats["cov"])
 
     def build() -> FidReference:
-        reference = FidReference.from_images(load_real_images(ecfg, count), feature_net)
+        reference = compute()
         stats = {"mean": reference.mean, "cov": reference.cov}
         atomic_write(path, lambda tmp: save_file(stats, str(tmp)))
         return reference

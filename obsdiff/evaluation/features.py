@@ -118,6 +118,7 @@ class EfficientNetLite0FeatureNet(nn.Module):
     """EfficientNet-Lite0 that maps [0, 1] images to 1280-d pooled features (always in eval mode)."""
 
     num_features: int = HEAD_CHANNELS
+    resize: str = f"bilinear, antialias=True, to {INPUT_SIZE}x{INPUT_SIZE} (torch.nn.functional.interpolate)"
 
     def __init__(self) -> None:
         """Builds the network with random weights; use :func:`load_efficientnet_lite0` for real ones."""

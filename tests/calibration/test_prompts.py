@@ -25,7 +25,7 @@ def write(path: Path, text: str) -> str:
 
 
 def test_registry_names() -> None:
-    assert set(PROMPT_SOURCES) == {"tiny", "digits", "file", "hf"}
+    assert set(PROMPT_SOURCES) == {"tiny", "digits", "file", "coco", "hf"}
 
 
 def test_digits_captions_interleave_digits_and_keep_the_splits_apart() -> None:
@@ -121,9 +121,9 @@ def test_num_prompts_must_be_positive(num_prompts: int) -> None:
 
 def test_unknown_source_lists_known() -> None:
     with pytest.raises(
-        PromptSourceError, match=r"calibration\.source='coco'.*\['digits', 'file', 'hf', 'tiny'\]"
+        PromptSourceError, match=r"calibration\.source='parti'.*\['coco', 'digits', 'file', 'hf', 'tiny'\]"
     ):
-        load_prompts("coco", 1)
+        load_prompts("parti", 1)
 
 
 def test_missing_or_unsupported_file(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ def test_names_say_what_each_number_is(tiny_eval):
     )
     assert plain.names() == {
         "eval/fid_feature_net": "efficientnet_lite0",
+        "eval/fid_resize": "bilinear, antialias=True, to 224x224 (torch.nn.functional.interpolate)",
         "eval/fid_reference": "dense model, seeds from 5000",
     }
     plain.set_references(None, FidReference.from_images(torch.rand(8, 3, 32, 32), plain.feature_net))

@@ -24,9 +24,10 @@ def options(group: str) -> list[str]:
 
 
 @pytest.fixture
-def user_inputs(tmp_path, monkeypatch) -> dict[str, str]:
-    """What a user supplies for the `???` fields: a prompt file, a folder of images, a dataset name;
-    and the `coco` extra counted as installed (its absence has its own test)."""
+def user_inputs(tmp_path, monkeypatch, make_coco_captions) -> dict[str, str]:
+    """What a user supplies for the `???` fields: a prompt file, a COCO captions file (a fake one,
+    so its protocol check is off), a folder of images, a dataset name; and the `coco` extra counted
+    as installed (its absence has its own test)."""
     prompts, images = tmp_path / "prompts.txt", tmp_path / "images"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(5000)))
     images.mkdir()
@@ -35,6 +36,7 @@ def user_inputs(tmp_path, monkeypatch) -> dict[str, str]:
         "calibration.path": str(prompts),
         "calibration.dataset": "some/dataset",
         "eval.path": str(prompts),
+        "eval.coco_path": str(make_coco_captions(5000)),
         "eval.reference_dir": str(images),
     }
 
@@ -54,7 +56,10 @@ def compose_filled(compose_cfg, user_inputs, *overrides):
         "eval.path": ev.kind != "none" and ev.source == "file" and ev.path is None,
         "eval.reference_dir": ev.kind == "coco" and ev.reference_dir is None,
     }
-    return compose_cfg(*overrides, *(f"{key}={user_inputs[key]}" for key, need in needed.items() if need))
+    filled = [f"{key}={user_inputs[key]}" for key, need in needed.items() if need]
+    if ev.source == "coco" and ev.path is None:
+        filled += [f"eval.path={user_inputs['eval.coco_path']}", "eval.check_protocol=false"]
+    return compose_cfg(*overrides, *filled)
 
 
 def check(cfg) -> None:

@@ -17,9 +17,10 @@ MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 
 
 @pytest.fixture
-def sources(tmp_path) -> dict[str, list[str]]:
-    """Every calibration and eval option, with what its `???` fields need (prompts, images)."""
-    prompts, images = tmp_path / "prompts.txt", tmp_path / "images"
+def sources(tmp_path, make_coco_captions) -> dict[str, list[str]]:
+    """Every calibration and eval option, with what its `???` fields need (prompts, images; a fake
+    COCO captions file, so the protocol check is off)."""
+    prompts, images, coco = tmp_path / "prompts.txt", tmp_path / "images", make_coco_captions(5000)
     prompts.write_text("".join(f"prompt {i}\n" for i in range(5000)))
     images.mkdir()
     return {
@@ -28,7 +29,7 @@ def sources(tmp_path) -> dict[str, list[str]]:
         "calibration=file": [f"calibration.path={prompts}"],
         "calibration=hf": ["calibration.dataset=some/dataset"],
         "eval=tiny": [],
-        "eval=coco": [f"eval.path={prompts}", f"eval.reference_dir={images}"],
+        "eval=coco": [f"eval.path={coco}", f"eval.reference_dir={images}", "eval.check_protocol=false"],
     }
 
 
@@ -60,7 +61,8 @@ def test_a_prompt_source_changes_only_the_source(compose_cfg, sources, model):
     for option, inputs in sources.items():
         cfg = compose_cfg(f"model={model}", option, *inputs)
         use = option.split("=")[0]
-        assert sampled(cfg[use]) == expected(cfg.model.sampler, use), option
+        locked = {"num_prompts": 5000} if option == "eval=coco" else {}  # the protocol's count
+        assert sampled(cfg[use]) == expected(cfg.model.sampler, use) | locked, option
 
 
 # The embedded model's sampler (conf/model/tiny_digits.yaml), as the pinned runs were made with.
@@ -76,7 +78,8 @@ DIGITS_EVAL = {"num_prompts": 50, "num_steps": 10, "guidance_scale": 5.0, "resol
 
 def test_a_file_source_on_the_embedded_model_takes_its_32px_sampler(compose_cfg, sources):
     cfg = compose_cfg("calibration=file", *sources["calibration=file"], "eval=coco", *sources["eval=coco"])
-    assert (sampled(cfg.calibration), sampled(cfg.eval)) == (DIGITS_CALIBRATION, DIGITS_EVAL)
+    coco_eval = DIGITS_EVAL | {"num_prompts": 5000}  # the protocol's count
+    assert (sampled(cfg.calibration), sampled(cfg.eval)) == (DIGITS_CALIBRATION, coco_eval)
     check_against_model(cfg)  # the resolution fits the model (it used to carry 512 px in)
 
 
@@ -109,7 +112,8 @@ DIGITS_ON_A_GENERAL_MODEL = [
     (["model=flux_dev", "calibration=tiny", "calibration.num_prompts=8", "eval.source=tiny",
       "eval.num_prompts=8"], "eval.real_images='digits_heldout'"),
     (["model=sd3_medium", "calibration=tiny", "calibration.num_prompts=8", "eval=coco", "eval.path=P",
-      "eval.reference_dir=D", "eval.num_prompts=8", "eval.prompt_judge=digits_classifier"],
+      "eval.reference_dir=D", "eval.num_prompts=8", "eval.check_protocol=false",
+      "eval.prompt_judge=digits_classifier"],
      "eval.prompt_judge='digits_classifier'"),
 ]  # fmt: skip
 
