@@ -5,9 +5,12 @@
 Every folder below the given ones that holds a ``status.json`` or a ``metrics.json`` is one run;
 only runs whose status is ``done`` are in the table (a ``metrics.json`` is complete only then), the
 others (running, killed, failed, or older runs with no ``status.json``) are listed under it. The
-table is method × sparsity pattern for each metric; ``layer_loss`` is the mean of ``layers.csv``'s
-``loss`` (the timestep-weighted relative reconstruction error, the same for every method). Every
-multirun writes this report into its sweep folder when it ends.
+table is method × sparsity pattern for each metric, with its bootstrap 95 % interval over prompts
+(``[low, high]``) where the run has one; quality metrics' names and arrows (↑ higher is better,
+↓ lower) come from the metric registry (``obsdiff.evaluation.metrics.base.METRICS``);
+``layer_loss`` is the mean of ``layers.csv``'s ``loss`` (the timestep-weighted relative
+reconstruction error, the same for every method). Every multirun writes this report into its sweep
+folder when it ends.
 """
 
 from __future__ import annotations
@@ -19,20 +22,29 @@ import math
 import statistics
 from pathlib import Path
 
+from obsdiff.evaluation.metrics.base import METRICS as QUALITY
 from obsdiff.runstate import read_status
 
-# Shown when any run has them. ``eval/fid`` is left out: it is ``fid_real`` or ``fid_dense``.
+
+def arrow(higher_is_better: bool) -> str:
+    """``↑`` for a metric where higher is better, ``↓`` where lower is."""
+    return "↑" if higher_is_better else "↓"
+
+
+# Shown when any run has them: every registered quality metric, then the pruning numbers.
+# ``eval/fid`` is left out: it is ``fid_real`` or ``fid_dense``.
 METRICS = {
-    "eval/fid_real": "FID to real images ↓",
-    "eval/fid_dense": "FID to the dense model ↓",
-    "eval/prompt_accuracy": "prompt accuracy ↑",
-    "eval/clip_score": "CLIP score ↑",
+    f"eval/{name}": f"{QUALITY[name].label} {arrow(QUALITY[name].higher_is_better)}" for name in QUALITY
+}
+METRICS |= {
     "layer_loss": "mean layer loss ↓",
     "prune/sparsity_achieved": "sparsity achieved",
     "prune/seconds": "prune seconds",
 }
 SETTINGS = ["method", "mask", "update", "pattern", "schedule", "num_packages"]
-COLUMNS = ["run", *SETTINGS, *(f"dense/{k[5:]}" for k in METRICS if k.startswith("eval/")), *METRICS]
+DENSE = [f"dense/{k[5:]}" for k in METRICS if k.startswith("eval/")]
+INTERVALS = [f"{k}_ci95" for k in [*DENSE, *METRICS] if k.startswith(("eval/", "dense/"))]
+COLUMNS = ["run", *SETTINGS, *DENSE, *METRICS, *INTERVALS]
 PATTERN_ORDER = ["unstructured", ":", "structured"]  # unstructured levels, then N:M, then structured
 
 
@@ -118,6 +130,15 @@ def _missing(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+def _cell(value, interval) -> str:
+    """``35.2``, or ``35.2 [33.1, 37.4]`` with a 95 % interval; empty when missing."""
+    if value is None or _missing(value):
+        return ""
+    if isinstance(interval, list | tuple) and len(interval) == 2:
+        return f"{value:.4g} [{interval[0]:.4g}, {interval[1]:.4g}]"
+    return f"{value:.4g}"
+
+
 def markdown(rows: list[dict]) -> str:
     """One Markdown table per metric: methods down (and the dense model, when all runs share it),
     sparsity patterns across."""
@@ -126,22 +147,26 @@ def markdown(rows: list[dict]) -> str:
     labels = sorted({_label(r, varying) for r in rows})
     parts = []
     for key in _shown(rows):
-        cell = {(_label(r, varying), r["pattern"]): r[key] for r in rows}
+        cell = {(_label(r, varying), r["pattern"]): _cell(r[key], r.get(f"{key}_ci95")) for r in rows}
         lines = [
             f"### {METRICS[key]}",
             "",
             "| method | " + " | ".join(patterns) + " |",
             "|---" * (len(patterns) + 1) + "|",
         ]
-        dense = {r.get(f"dense/{key[5:]}", math.nan) for r in rows} if key.startswith("eval/") else set()
-        if len(dense) == 1 and not _missing(value := dense.pop()):
-            lines.append("| dense | " + " | ".join(f"{value:.4g}" for _ in patterns) + " |")
+        dense = {_dense_cell(r, key) for r in rows} if key.startswith("eval/") else set()
+        if len(dense) == 1 and (value := dense.pop()):
+            lines.append("| dense | " + " | ".join(value for _ in patterns) + " |")
         for label in labels:
-            values = [cell.get((label, p)) for p in patterns]
-            cells = ("" if v is None or _missing(v) else f"{v:.4g}" for v in values)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cell.get((label, p), "") for p in patterns) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _dense_cell(row: dict, key: str) -> str:
+    """The dense model's cell for ``eval/<name>``: ``dense/<name>`` and its interval."""
+    name = f"dense/{key[5:]}"
+    return _cell(row.get(name, math.nan), row.get(f"{name}_ci95"))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -169,7 +169,7 @@ def _run(cfg: DictConfig, spec: RunSpec, run_dir: Path, checkpoints: PackageChec
         if cfg.eval.kind != "none":  # 5. evaluate against the same prompts and seeds
             pruned = generate(adapter, pipe, evalset, cfg.eval, evalset.seeds, desc="pruned images")
             faults.reached("evaluate")
-            metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts).items()}
+            metrics |= {f"eval/{k}": v for k, v in scorer.score(pruned, evalset.prompts, dense).items()}
             n = min(cfg.eval.num_grid, len(evalset.prompts))
             grid = run_dir / "samples.png"
             picture = image_grid({"dense": dense[:n], "pruned": pruned[:n]}, evalset.prompts[:n])

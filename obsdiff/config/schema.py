@@ -120,6 +120,10 @@ class PrunerConfig:
     hessian_cache: str | None = None  # a folder: reuse package 1's Hessians across runs (opt-in)
 
 
+# The metrics of conf/eval/tiny.yaml.
+TINY_METRICS = ("fid_real", "fid_dense", "clip_score", "prompt_accuracy", "ssim_dense", "psnr_dense")
+
+
 @dataclass
 class EvalConfig(PromptsConfig):
     kind: str = "tiny"  # tiny | coco | none
@@ -137,6 +141,9 @@ class EvalConfig(PromptsConfig):
     reference_seed: int | None = 5000  # fid_dense: the dense model with these seeds; null = none
     clip_model: str | None = "tiny"  # a CLIP hub id or folder; tiny = random plumbing check; null = none
     prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
+    # obsdiff.evaluation.metrics.base.METRICS names; one whose input is null above is left out
+    metrics: list[str] = field(default_factory=lambda: list(TINY_METRICS))
+    bootstrap: int = 200  # resamples of the prompts for every metric's 95 % interval; 0 = none
     num_grid: int = 8
 
 

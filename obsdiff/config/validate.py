@@ -35,6 +35,7 @@ from obsdiff.config.fields import (
 )
 from obsdiff.evaluation import FEATURE_NETS, PROMPT_JUDGES, REAL_IMAGES
 from obsdiff.evaluation.coco import protocol_error
+from obsdiff.evaluation.metrics.base import METRICS
 from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, STRUCTURED_METHODS, UPDATES
 
 # torch dtype names of ``model.torch_dtype`` (``obsdiff.models.base.DTYPES``; a test keeps them equal).
@@ -275,7 +276,7 @@ def _check_coco_protocol(ecfg: DictConfig) -> None:
 
 def check_eval(cfg: DictConfig) -> None:
     """``eval``: its kind, references (real images or a dense-model seed range apart from the eval
-    seeds), prompt judge, FID feature net and CLIP model."""
+    seeds), prompt judge, FID feature net, CLIP model and metrics."""
     ecfg = cfg.eval
     one_of("eval.kind", ecfg.kind, EVAL_KINDS)
     if ecfg.kind == "none":
@@ -313,6 +314,21 @@ def check_eval(cfg: DictConfig) -> None:
     if ecfg.feature_weights is not None and not Path(ecfg.feature_weights).is_file():
         fail("eval.feature_weights", ecfg.feature_weights, "null (packaged weights) or an existing file")
     non_empty("eval.clip_model", ecfg.clip_model, "tiny, a CLIP hub id or a local folder", nullable=True)
+    check_metrics(ecfg)
+
+
+def check_metrics(ecfg: DictConfig) -> None:
+    """``eval.metrics``: distinct registered metric names; ``eval.bootstrap``: resamples >= 0."""
+    names = list(ecfg.metrics)
+    for name in names:
+        if name not in METRICS:
+            fail(
+                "eval.metrics", plain(ecfg.metrics), f"registered metrics only ({name!r} is not one; "
+                f"known: {', '.join(METRICS.names())}; a new one is a file in obsdiff/evaluation/metrics/)"
+            )  # fmt: skip
+    if len(set(names)) < len(names):
+        fail("eval.metrics", names, "distinct metric names")
+    int_at_least("eval.bootstrap", ecfg.bootstrap, 0)
 
 
 def check_logger(lg: DictConfig) -> None:

@@ -21,10 +21,10 @@ REAL_IMAGES: Registry = Registry(
     "real image set (eval.real_images)",
     {"digits_heldout": "obsdiff.evaluation.evaluate:heldout_digits"},
 )
-# Prompt judges by name (``eval.prompt_judge``): ``obsdiff.evaluation.evaluate.PromptJudge``.
+# Prompt judges by name (``eval.prompt_judge``): ``obsdiff.evaluation.metrics.prompt_accuracy.PromptJudge``.
 PROMPT_JUDGES: Registry = Registry(
     "prompt judge (eval.prompt_judge)",
-    {"digits_classifier": "obsdiff.evaluation.evaluate:DIGITS_CLASSIFIER_JUDGE"},
+    {"digits_classifier": "obsdiff.evaluation.metrics.prompt_accuracy:DIGITS_CLASSIFIER_JUDGE"},
 )
 
 __all__ = ["FEATURE_NETS", "PROMPT_JUDGES", "REAL_IMAGES"]

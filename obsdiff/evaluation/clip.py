@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.functional.multimodal.clip_score import (
+    _clip_score_update,  # private; torchmetrics <1.10 pin
+)
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -139,13 +142,15 @@ def to_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def clip_score(
+@torch.no_grad()
+def clip_scores(
     images: Tensor,
     prompts: list[str],
     model_and_processor: Callable[[], tuple[TensorCLIP, CLIPProcessor]],
     batch_size: int = 32,
-) -> float:
-    """Mean CLIP score ``max(100 * cos(E_image, E_text), 0)`` of images against their prompts.
+) -> Tensor:
+    """Per-image CLIP scores ``100 * cos(E_image, E_text)`` (N,), float32, as torchmetrics'
+    ``CLIPScore`` computes them before averaging.
 
     Args:
         images: Float images (N, 3, H, W) in [0, 1].
@@ -164,7 +169,45 @@ def clip_score(
             f"Need one prompt per image, got {images.shape[0]} images and {len(prompts)} prompts"
         )
     metric = CLIPScore(model_name_or_path=model_and_processor)
+    scores = []
     for start in range(0, len(prompts), batch_size):
         batch = to_uint8(images[start : start + batch_size])
-        metric.update(batch, prompts[start : start + batch_size])
-    return float(metric.compute())
+        scores.append(
+            _clip_score_update(batch, prompts[start : start + batch_size], metric.model, metric.processor)[0]
+        )
+    return torch.cat(scores)
+
+
+def mean_clip_score(scores: Tensor, batch_size: int = 32) -> float:
+    """``max(mean, 0)`` of per-image scores, summed batch by batch in float32 as ``CLIPScore`` does
+    (so the number equals its ``compute()`` bit for bit).
+
+    Args:
+        scores: Per-image scores (N,) from :func:`clip_scores`.
+        batch_size: The batch size they were computed with.
+    """
+    total = torch.zeros((), dtype=scores.dtype)
+    for batch in scores.split(batch_size):
+        total += batch.sum(0)
+    return float(torch.max(total / scores.shape[0], torch.zeros_like(total)))
+
+
+def clip_score(
+    images: Tensor,
+    prompts: list[str],
+    model_and_processor: Callable[[], tuple[TensorCLIP, CLIPProcessor]],
+    batch_size: int = 32,
+) -> float:
+    """Mean CLIP score ``max(100 * mean cos(E_image, E_text), 0)`` of images against their prompts.
+
+    Args:
+        images: Float images (N, 3, H, W) in [0, 1].
+        prompts: One prompt per image.
+        model_and_processor: Zero-argument callable returning ``(model, processor)``, e.g.
+            ``lambda: load_clip(path)``.
+        batch_size: Image/prompt pairs per model call.
+
+    Raises:
+        ValueError: When the batch is malformed or the counts differ.
+    """
+    return mean_clip_score(clip_scores(images, prompts, model_and_processor, batch_size), batch_size)

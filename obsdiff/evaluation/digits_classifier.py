@@ -121,6 +121,35 @@ def load_digits_classifier(weights_path: str | Path | None = None) -> DigitsClas
     return net.eval().requires_grad_(False)
 
 
+def prompt_hits(
+    images: Tensor, prompts: list[str], classifier: DigitsClassifier | None = None
+) -> dict[str, Tensor]:
+    """Per image, whether it shows what its digits prompt asks for.
+
+    Args:
+        images: Float images (N, 3, H, W) in [0, 1], one per prompt.
+        prompts: Captions written by :mod:`obsdiff.models.digits_data` templates.
+        classifier: The judge; the shipped classifier by default.
+
+    Returns:
+        Bool (N,) tensors: ``digit``, ``fg``, ``bg`` agreement and ``all`` (all three right).
+
+    Raises:
+        ValueError: If counts differ or a prompt is not a digits caption.
+    """
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
+    wanted = [parse_caption(p) for p in prompts]
+    predicted = (classifier or load_digits_classifier()).predict(images)
+    hits = {
+        "digit": predicted["digit"] == torch.tensor([c.digit for c in wanted]),
+        "fg": predicted["fg"] == torch.tensor([c.fg for c in wanted]),
+        "bg": predicted["bg"] == torch.tensor([c.bg for c in wanted]),
+    }
+    hits["all"] = hits["digit"] & hits["fg"] & hits["bg"]
+    return hits
+
+
 def prompt_accuracy(
     images: Tensor, prompts: list[str], classifier: DigitsClassifier | None = None
 ) -> dict[str, float]:
@@ -137,14 +166,5 @@ def prompt_accuracy(
     Raises:
         ValueError: If counts differ or a prompt is not a digits caption.
     """
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
-    wanted = [parse_caption(p) for p in prompts]
-    predicted = (classifier or load_digits_classifier()).predict(images)
-    hits = {
-        "digit": predicted["digit"] == torch.tensor([c.digit for c in wanted]),
-        "fg": predicted["fg"] == torch.tensor([c.fg for c in wanted]),
-        "bg": predicted["bg"] == torch.tensor([c.bg for c in wanted]),
-    }
-    hits["all"] = hits["digit"] & hits["fg"] & hits["bg"]
+    hits = prompt_hits(images, prompts, classifier)
     return {name: hit.float().mean().item() for name, hit in hits.items()}

@@ -1,15 +1,16 @@
-"""Generate images from pre-encoded prompts and score them (FID, CLIP score, prompt accuracy).
+"""Generate images from pre-encoded prompts and score them with the chosen metrics
+(``eval.metrics``, :mod:`obsdiff.evaluation.metrics`).
 
-Dense results are cached per model + eval config, so a sweep generates them once.
+Dense results are cached per model + eval config + metrics, so a sweep generates them once.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +21,15 @@ from tqdm.auto import tqdm
 
 from obsdiff import faults
 from obsdiff.calibration.prompts import load_prompts
-from obsdiff.evaluation import PROMPT_JUDGES, REAL_IMAGES  # registries with torch-free names, lazy entries
+from obsdiff.evaluation import REAL_IMAGES  # a registry with torch-free names, lazy entries
 from obsdiff.evaluation.cache import load_or_build
-from obsdiff.evaluation.clip import clip_score, load_clip, tiny_clip
-from obsdiff.evaluation.fid import FidReference, get_feature_net, image_features
+from obsdiff.evaluation.fid import FidReference
+from obsdiff.evaluation.metrics.base import METRICS, EvalContext, Metric
+from obsdiff.evaluation.metrics.bootstrap import bootstrap_interval
 from obsdiff.fileio import atomic_write, write_json
 from obsdiff.models.base import ModelAdapter, slice_embeds
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -95,38 +98,6 @@ def heldout_digits(count: int, resolution: int) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-class PromptJudge(NamedTuple):
-    """A prompt judge: ``build()`` gives a scorer ``(images, prompts) -> {part: fraction}`` whose
-    ``all`` part is the fraction of images showing everything their prompt asks for; ``weights()``
-    is its weight file, which keys the dense cache."""
-
-    description: str
-    build: Callable[[], Callable[[torch.Tensor, list[str]], dict[str, float]]]
-    weights: Callable[[], Path]
-
-
-def _digits_classifier() -> Callable[[torch.Tensor, list[str]], dict[str, float]]:
-    from obsdiff.evaluation.digits_classifier import load_digits_classifier, prompt_accuracy
-
-    classifier = load_digits_classifier()
-    return lambda images, prompts: prompt_accuracy(images, prompts, classifier)
-
-
-def _digits_classifier_weights() -> Path:
-    from obsdiff.evaluation.digits_classifier import shipped_weights
-
-    return shipped_weights()
-
-
-# The ``digits_classifier`` entry of ``PROMPT_JUDGES`` (``eval.prompt_judge``).
-DIGITS_CLASSIFIER_JUDGE = PromptJudge(
-    "digits classifier: digit, foreground and background all as prompted "
-    "(the tiny model's stand-in for CLIP score)",
-    _digits_classifier,
-    _digits_classifier_weights,
-)
-
-
 def load_real_images(ecfg: Any, count: int) -> torch.Tensor | None:
     """The eval's real images (``reference_dir`` or ``real_images``), or ``None`` if it has none."""
     if ecfg.reference_dir:
@@ -136,11 +107,26 @@ def load_real_images(ecfg: Any, count: int) -> torch.Tensor | None:
     return None
 
 
+def chosen_metrics(ecfg: Any) -> list[Metric]:
+    """The metrics of ``eval.metrics`` (not built yet), less those whose input the eval config
+    switches off (``eval.clip_model=null``: no CLIP score); each one left out is logged with why."""
+    chosen = []
+    for name in ecfg.metrics:
+        metric = METRICS[name]()
+        why_not = metric.enabled(ecfg)
+        if why_not is None:
+            chosen.append(metric)
+        else:
+            log.info("metric %s is off: %s", name, why_not)
+    return chosen
+
+
 class Scorer:
-    """FID to real images and to the dense model, CLIP score and prompt accuracy, from config.
+    """The chosen metrics (``eval.metrics``), each built once, and their bootstrap intervals.
 
     ``fid`` is the FID to real images when the eval has them, else to the dense model (other
-    seeds); ``fid_real`` and ``fid_dense`` name their reference. Every network is built once.
+    seeds); ``fid_real`` and ``fid_dense`` name their reference. With ``eval.bootstrap`` resamples,
+    every metric ``<name>`` also gets ``<name>_ci95``: its 95 % interval ``[low, high]`` over prompts.
 
     Args:
         ecfg: the ``eval`` config.
@@ -149,54 +135,68 @@ class Scorer:
 
     def __init__(self, ecfg: Any, tokenizer: Any = None) -> None:
         self.ecfg = ecfg
-        self.feature_net = get_feature_net(ecfg.feature_net, ecfg.feature_weights)
-        self.fid_real: FidReference | None = None
-        self.fid_dense: FidReference | None = None
-        self.clip, self.clip_name = None, None
-        if ecfg.clip_model == "tiny":
-            self.clip = lambda: tiny_clip(tokenizer, image_size=ecfg.resolution)
-            self.clip_name = "tiny random CLIP (plumbing check, not a quality number)"
-        elif ecfg.clip_model:
-            self.clip = lambda: load_clip(ecfg.clip_model)
-            self.clip_name = ecfg.clip_model
-        self.judge_name, self.judge = None, None
-        if ecfg.get("prompt_judge"):
-            judge = PROMPT_JUDGES[ecfg.prompt_judge]
-            self.judge_name, self.judge = judge.description, judge.build()
+        self.context = EvalContext(ecfg, tokenizer)
+        self.metrics = chosen_metrics(ecfg)
+        for metric in self.metrics:
+            metric.build(ecfg, self.context)
+
+    @property
+    def feature_net(self) -> torch.nn.Module | None:
+        """The FID feature network (``None`` when no FID metric is chosen)."""
+        return self.context.feature_net
+
+    def chosen(self) -> list[str]:
+        """The names of the metrics it scores."""
+        return [metric.name for metric in self.metrics]
+
+    def weights(self) -> list[str | Path]:
+        """Every file the chosen metrics load (they key the dense cache)."""
+        return [file for metric in self.metrics for file in metric.weights()]
 
     def set_references(self, real: FidReference | None, dense: FidReference | None) -> None:
         """The reference statistics every later :meth:`score` compares with (``None``: no such FID)."""
-        self.fid_real, self.fid_dense = real, dense
+        self.context.fid_real, self.context.fid_dense = real, dense
 
     def names(self) -> dict[str, str]:
-        ecfg = self.ecfg
-        real = ecfg.reference_dir or ecfg.get("real_images")
-        dense = f"dense model, seeds from {ecfg.reference_seed}"
-        names = {
-            "eval/fid_feature_net": ecfg.feature_net,
-            "eval/fid_resize": getattr(self.feature_net, "resize", "the feature net's own"),
-            "eval/fid_reference": str(real or dense),
-        }
-        if self.clip_name:
-            names["eval/clip_network"] = self.clip_name
-        if self.judge_name:
-            names["eval/prompt_judge"] = self.judge_name
+        """``eval/<what>`` → what the numbers are measured with, and what ``eval/fid`` compares to."""
+        names: dict[str, str] = {}
+        for metric in self.metrics:
+            names |= metric.about()
+        chosen, ecfg = self.chosen(), self.ecfg
+        if "fid_real" in chosen:
+            names["eval/fid_reference"] = str(ecfg.reference_dir or ecfg.get("real_images"))
+        elif "fid_dense" in chosen:
+            names["eval/fid_reference"] = f"dense model, seeds from {ecfg.reference_seed}"
+        if "fid_real" in chosen or "fid_dense" in chosen:
+            names["eval/fid_resize"] = getattr(self.feature_net, "resize", "the feature net's own")
         return names
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        features = image_features(images, self.feature_net)  # one pass for both references
-        if self.fid_real is not None:
-            metrics["fid_real"] = self.fid_real.fid(features)
-        if self.fid_dense is not None:
-            metrics["fid_dense"] = self.fid_dense.fid(features)
-        metrics["fid"] = metrics["fid_real"] if "fid_real" in metrics else metrics["fid_dense"]
-        if self.clip is not None:
-            metrics["clip_score"] = clip_score(images, prompts, self.clip)
-        if self.judge is not None:
-            parts = self.judge(images, prompts)
-            metrics["prompt_accuracy"] = parts.pop("all")
-            metrics |= {f"prompt_accuracy_{part}": value for part, value in parts.items()}
+    def score(
+        self, images: torch.Tensor, prompts: list[str], dense: torch.Tensor | None = None
+    ) -> dict[str, float | list[float]]:
+        """Every chosen metric of images (N, 3, H, W) in [0, 1], one per prompt.
+
+        Args:
+            images: The images to score.
+            prompts: Their prompts.
+            dense: The dense model's images of the same prompts and seeds; ``None`` when scoring
+                the dense model itself (the metrics that compare with it are left out then).
+        """
+        self.context.dense = dense
+        metrics: dict[str, float | list[float]] = {}
+        for metric in self.metrics:
+            if metric.versus_dense and dense is None:
+                continue
+            result = metric.score(images, prompts, self.context)
+            metrics |= result.values
+            if self.ecfg.bootstrap:
+                metrics[f"{metric.name}_ci95"] = bootstrap_interval(
+                    result.samples, result.reduce, self.ecfg.bootstrap, self.ecfg.seed, result.debias
+                )
+        fid = "fid_real" if "fid_real" in metrics else "fid_dense"
+        for suffix in ("", "_ci95"):
+            if fid + suffix in metrics:
+                metrics["fid" + suffix] = metrics[fid + suffix]
         return metrics
 
 
@@ -257,20 +257,25 @@ def dense_baseline(
     adapter: ModelAdapter, pipe: Any, evalset: EvalSet, scorer: Scorer, cfg: Any
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dense images and metrics; sets the scorer's references. Dense generations and reference
-    statistics are cached under ``cfg.cache_dir`` per model + eval config, so a sweep makes them once."""
+    statistics are cached under ``cfg.cache_dir`` per model + eval config + chosen metrics and the
+    files they load, so a sweep makes them once."""
     from obsdiff.provenance import config_hash, files_fingerprint, library_versions
 
-    ecfg = cfg.eval
-    real = real_reference(ecfg, len(evalset.prompts), scorer.feature_net, cfg.cache_dir)
-    if real is None and ecfg.reference_seed is None:
-        raise ValueError("eval has no reference: set eval.reference_dir, real_images or reference_seed")
-    judge = [PROMPT_JUDGES[ecfg.prompt_judge].weights()] if ecfg.get("prompt_judge") else []
-    files = files_fingerprint(adapter.weights_location(cfg.model), *judge)
-    key = config_hash(
-        OmegaConf.create(
-            {"model": cfg.model, "eval": cfg.eval, "versions": library_versions(), "files": files}
-        )
+    ecfg, chosen = cfg.eval, scorer.chosen()
+    real = (
+        real_reference(ecfg, len(evalset.prompts), scorer.feature_net, cfg.cache_dir)
+        if "fid_real" in chosen
+        else None
     )
+    files = files_fingerprint(adapter.weights_location(cfg.model), *scorer.weights())
+    what = {
+        "model": cfg.model,
+        "eval": cfg.eval,
+        "metrics": chosen,
+        "versions": library_versions(),
+        "files": files,
+    }
+    key = config_hash(OmegaConf.create(what))
     cache = Path(cfg.cache_dir) / "dense" / f"{cfg.model.name}-{key}"
 
     def load() -> tuple[torch.Tensor, dict[str, float]] | None:
@@ -287,7 +292,7 @@ def dense_baseline(
     def build() -> tuple[torch.Tensor, dict[str, float]]:
         dense = generate(adapter, pipe, evalset, ecfg, evalset.seeds, desc="dense images")
         tensors, dense_ref = {"dense": dense.contiguous()}, None
-        if ecfg.reference_seed is not None:
+        if "fid_dense" in chosen:
             ref_seeds = [ecfg.reference_seed + i for i in range(len(evalset.prompts))]
             reference = generate(adapter, pipe, evalset, ecfg, ref_seeds, desc="reference images")
             dense_ref = FidReference.from_images(reference, scorer.feature_net)

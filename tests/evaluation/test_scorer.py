@@ -29,9 +29,18 @@ def test_real_digits_score_high_and_wrong_prompts_score_low(tiny_eval):
     )
     right = scorer.score(images, prompts)
     assert set(right) == {
-        "fid", "fid_real", "fid_dense", "prompt_accuracy",
-        "prompt_accuracy_digit", "prompt_accuracy_fg", "prompt_accuracy_bg",
-    }  # fmt: skip
+        "fid",
+        "fid_real",
+        "fid_dense",
+        "prompt_accuracy",
+        "prompt_accuracy_digit",
+        "prompt_accuracy_fg",
+        "prompt_accuracy_bg",
+        "fid_ci95",
+        "fid_real_ci95",
+        "fid_dense_ci95",
+        "prompt_accuracy_ci95",
+    }  # fmt: skip  (no SSIM / PSNR: no dense images given)
     assert right["fid"] == right["fid_real"] < right["fid_dense"]  # real digits are near real digits
     assert right["prompt_accuracy"] >= 0.9 and right["prompt_accuracy_digit"] >= 0.9
     wrong = [make_caption((c.digit + 1) % 10, c.bg, c.fg).text for c in digits_captions("heldout")[:60]]
@@ -41,8 +50,8 @@ def test_real_digits_score_high_and_wrong_prompts_score_low(tiny_eval):
     assert scorer.score(noise, prompts)["fid_real"] > right["fid_real"] + 50
 
 
-def test_names_say_what_each_number_is(tiny_eval):
-    names = Scorer(tiny_eval).names()
+def test_names_say_what_each_number_is(tiny_eval, tokenizer):
+    names = Scorer(OmegaConf.merge(tiny_eval, {"resolution": 32}), tokenizer).names()
     assert names["eval/fid_reference"] == "digits_heldout"
     assert "stand-in for CLIP score" in names["eval/prompt_judge"]
     assert "plumbing" in names["eval/clip_network"]
@@ -55,4 +64,9 @@ def test_names_say_what_each_number_is(tiny_eval):
         "eval/fid_reference": "dense model, seeds from 5000",
     }
     plain.set_references(None, FidReference.from_images(torch.rand(8, 3, 32, 32), plain.feature_net))
-    assert set(plain.score(torch.rand(8, 3, 32, 32), ["x"] * 8)) == {"fid", "fid_dense"}
+    assert set(plain.score(torch.rand(8, 3, 32, 32), ["x"] * 8)) == {
+        "fid",
+        "fid_dense",
+        "fid_ci95",
+        "fid_dense_ci95",
+    }

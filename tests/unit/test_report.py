@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from obsdiff.report import collect, main, markdown, split_done, write_report
+from obsdiff.report import METRICS, collect, main, markdown, split_done, write_report
 from obsdiff.runstate import write_status
 
 
@@ -83,3 +83,20 @@ def test_no_finished_run_writes_nothing_and_says_so(tmp_path):
     assert rows == [] and len(left_out) == 1 and not (tmp_path / "report.md").exists()
     with pytest.raises(SystemExit, match="no finished obsdiff runs"):
         main([str(tmp_path)])
+
+
+def test_headings_take_names_and_arrows_from_the_metric_registry_and_cells_show_intervals(tmp_path):
+    from obsdiff.evaluation.metrics.base import METRICS as REGISTERED
+
+    for name in REGISTERED:
+        metric = REGISTERED[name]
+        assert METRICS[f"eval/{name}"] == f"{metric.label} {'↑' if metric.higher_is_better else '↓'}"
+    fake_result(
+        tmp_path, "a", "obs_diff", "unstructured 50%",
+        **{"eval/ssim_dense": 0.81, "eval/ssim_dense_ci95": [0.78, 0.84], "eval/fid_real": 35.0,
+           "eval/fid_real_ci95": [33.0, 38.5], "dense/fid_real_ci95": [28.0, 32.0]},
+    )  # fmt: skip
+    md = markdown(collect([tmp_path]))
+    assert "### SSIM to the dense model ↑" in md and "### FID to real images ↓" in md
+    assert "| obs_diff | 0.81 [0.78, 0.84] |" in md and "| obs_diff | 35 [33, 38.5] |" in md
+    assert "| dense | 30 [28, 32] |" in md
