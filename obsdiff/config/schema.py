@@ -133,7 +133,8 @@ class EvalConfig(PromptsConfig):
     reference_dir: str | None = None  # folder of real images (coco)
     real_images: str | None = None  # packaged real images by name (tiny: digits_heldout)
     reference_seed: int | None = 5000  # fid_dense: the dense model with these seeds; null = none
-    clip_model: str | None = "tiny"  # a CLIP hub id or folder; tiny = random plumbing check; null = none
+    # a CLIP hub id or folder; tiny = random plumbing check; digits = trained digits CLIP; null = none
+    clip_model: str | None = "tiny"
     prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
     num_grid: int = 8
 

@@ -156,6 +156,11 @@ class Scorer:
         if ecfg.clip_model == "tiny":
             self.clip = lambda: tiny_clip(tokenizer, image_size=ecfg.resolution)
             self.clip_name = "tiny random CLIP (plumbing check, not a quality number)"
+        elif ecfg.clip_model == "digits":
+            from obsdiff.evaluation.digits_clip import load_digits_clip
+
+            self.clip = load_digits_clip
+            self.clip_name = "digits CLIP (trained on the tiny model's digits and captions)"
         elif ecfg.clip_model:
             self.clip = lambda: load_clip(ecfg.clip_model)
             self.clip_name = ecfg.clip_model

@@ -45,7 +45,7 @@ def test_names_say_what_each_number_is(tiny_eval):
     names = Scorer(tiny_eval).names()
     assert names["eval/fid_reference"] == "digits_heldout"
     assert "stand-in for CLIP score" in names["eval/prompt_judge"]
-    assert "plumbing" in names["eval/clip_network"]
+    assert "digits CLIP" in names["eval/clip_network"]
     plain = Scorer(
         OmegaConf.merge(tiny_eval, {"real_images": None, "prompt_judge": None, "clip_model": None})
     )
