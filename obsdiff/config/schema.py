@@ -139,7 +139,8 @@ class EvalConfig(PromptsConfig):
     check_protocol: bool = True  # source=coco: false accepts captions other than the pinned ones
     real_images: str | None = None  # packaged real images by name (tiny: digits_heldout)
     reference_seed: int | None = 5000  # fid_dense: the dense model with these seeds; null = none
-    clip_model: str | None = "tiny"  # a CLIP hub id or folder; tiny = random plumbing check; null = none
+    # a CLIP hub id or folder; tiny = random plumbing check; digits = trained digits CLIP; null = none
+    clip_model: str | None = "tiny"
     prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
     # obsdiff.evaluation.metrics.base.METRICS names; one whose input is null above is left out
     metrics: list[str] = field(default_factory=lambda: list(TINY_METRICS))

@@ -313,7 +313,8 @@ def check_eval(cfg: DictConfig) -> None:
         fail("eval.feature_net", ecfg.feature_net, 'efficientnet_lite0; or pip install "obsdiff[coco]"')
     if ecfg.feature_weights is not None and not Path(ecfg.feature_weights).is_file():
         fail("eval.feature_weights", ecfg.feature_weights, "null (packaged weights) or an existing file")
-    non_empty("eval.clip_model", ecfg.clip_model, "tiny, a CLIP hub id or a local folder", nullable=True)
+    clip_values = "tiny, digits, a CLIP hub id or a local folder"
+    non_empty("eval.clip_model", ecfg.clip_model, clip_values, nullable=True)
     check_metrics(ecfg)
 
 

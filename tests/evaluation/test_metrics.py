@@ -94,7 +94,7 @@ def test_fast_fid_equals_the_torchmetrics_distance(count):
 
 def test_scorer_loop_gives_the_values_of_the_direct_calls(tiny_eval, tokenizer, digits):
     images, prompts = digits
-    scorer = Scorer(OmegaConf.merge(tiny_eval, {"bootstrap": 0}), tokenizer)
+    scorer = Scorer(OmegaConf.merge(tiny_eval, {"bootstrap": 0, "clip_model": "tiny"}), tokenizer)
     net = scorer.feature_net
     real, dense_ref = (
         FidReference.from_images(heldout_set()[0][:40], net),
@@ -115,6 +115,7 @@ def test_scorer_loop_gives_the_values_of_the_direct_calls(tiny_eval, tokenizer, 
                                                                "psnr_dense", "psnr_dense_p10"}  # fmt: skip
     assert scorer.names() == {
         "eval/fid_feature_net": "efficientnet_lite0", "eval/fid_reference": "digits_heldout",
+        "eval/fid_resize": "the feature net's own",
         "eval/clip_network": "tiny random CLIP (plumbing check, not a quality number)",
         "eval/prompt_judge": scorer.metrics[3].judge.description,
     }  # fmt: skip

@@ -54,7 +54,7 @@ def test_names_say_what_each_number_is(tiny_eval, tokenizer):
     names = Scorer(OmegaConf.merge(tiny_eval, {"resolution": 32}), tokenizer).names()
     assert names["eval/fid_reference"] == "digits_heldout"
     assert "stand-in for CLIP score" in names["eval/prompt_judge"]
-    assert "plumbing" in names["eval/clip_network"]
+    assert "digits CLIP" in names["eval/clip_network"]
     plain = Scorer(
         OmegaConf.merge(tiny_eval, {"real_images": None, "prompt_judge": None, "clip_model": None})
     )

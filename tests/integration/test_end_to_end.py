@@ -48,7 +48,7 @@ def test_default_run_fulfils_the_run_contract(cli, tmp_path):
         assert key in metrics, key  # fmt: skip
     assert metrics["prune/sparsity_target"] == 0.5
     assert abs(metrics["prune/sparsity_achieved"] - 0.5) < 0.005
-    assert "plumbing check" in metrics["eval/clip_network"]
+    assert "digits CLIP" in metrics["eval/clip_network"]
     assert "stand-in for CLIP score" in metrics["eval/prompt_judge"]
     assert (
         metrics["eval/fid_reference"] == "digits_heldout" and metrics["eval/fid"] == metrics["eval/fid_real"]

@@ -19,11 +19,24 @@ BATCH_SIZE = 32  # image/prompt pairs per CLIP call
 
 
 class ClipModel(NamedTuple):
-    """A CLIP of this project: what to call it in metrics.json, and ``load(ecfg, context) ->
-    (model, processor)``."""
+    """A CLIP of this project: what to call it in metrics.json, ``load(ecfg, context) ->
+    (model, processor)``, and the files it reads (they key the dense cache)."""
 
     description: str
     load: Callable[[Any, EvalContext], tuple[Any, Any]]
+    files: Callable[[], list[Path]] = list
+
+
+def _digits_clip(ecfg: Any, context: EvalContext) -> tuple[Any, Any]:
+    from obsdiff.evaluation.digits_clip import load_digits_clip
+
+    return load_digits_clip()
+
+
+def _digits_clip_files() -> list[Path]:
+    from obsdiff.evaluation.digits_clip import shipped_weights
+
+    return [shipped_weights()]
 
 
 # ``eval.clip_model`` names with a builder of their own; any other value is a hub id or a folder.
@@ -31,6 +44,9 @@ CLIP_MODELS: dict[str, ClipModel] = {
     "tiny": ClipModel(
         "tiny random CLIP (plumbing check, not a quality number)",
         lambda ecfg, context: tiny_clip(context.tokenizer, image_size=ecfg.resolution),
+    ),
+    "digits": ClipModel(
+        "digits CLIP (trained on the tiny model's digits and captions)", _digits_clip, _digits_clip_files
     ),
 }
 
@@ -47,7 +63,8 @@ class ClipScore:
         return None if ecfg.clip_model else "eval.clip_model is null"
 
     def weights(self) -> list[str | Path]:
-        return [] if self.clip_model in CLIP_MODELS else [self.clip_model]
+        known = CLIP_MODELS.get(self.clip_model)
+        return known.files() if known else [self.clip_model]
 
     def build(self, ecfg: Any, context: EvalContext) -> None:
         self.clip_model = ecfg.clip_model
