@@ -142,6 +142,8 @@ class EvalConfig(PromptsConfig):
     # a CLIP hub id or folder; tiny = random plumbing check; digits = trained digits CLIP; null = none
     clip_model: str | None = "tiny"
     prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
+    pickscore_model: str | None = "yuvalkirstain/PickScore_v1"  # eval.metrics [..., pickscore]
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore_v1 ships none
     # obsdiff.evaluation.metrics.base.METRICS names; one whose input is null above is left out
     metrics: list[str] = field(default_factory=lambda: list(TINY_METRICS))
     bootstrap: int = 200  # resamples of the prompts for every metric's 95 % interval; 0 = none

@@ -29,6 +29,7 @@ TESTED = {
     "clip_score": "test_scorer_loop_gives_the_values_of_the_direct_calls",
     "ssim_dense": "test_ssim_and_psnr_of_identical_images_are_1_and_the_cap",
     "psnr_dense": "test_ssim_and_psnr_of_identical_images_are_1_and_the_cap",
+    "pickscore": "tests/evaluation/test_pickscore.py::test_the_pickscore_metric_scores_through_the_registry",
 }
 
 

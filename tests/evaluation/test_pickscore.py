@@ -57,3 +57,25 @@ def test_loads_from_local_folders(clip, tmp_path):
     torch.testing.assert_close(
         pickscore(_images(3), PROMPTS[:3], *loaded), pickscore(_images(3), PROMPTS[:3], *clip)
     )
+
+
+def test_the_pickscore_metric_scores_through_the_registry(clip, tmp_path):
+    from omegaconf import OmegaConf
+
+    from obsdiff.evaluation.metrics.base import METRICS, EvalContext
+
+    model, processor = clip
+    model.model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "processor")
+    metric = METRICS["pickscore"]()
+    ecfg = OmegaConf.create(
+        {"pickscore_model": str(tmp_path / "model"), "pickscore_processor": str(tmp_path / "processor")}
+    )
+    assert metric.enabled(ecfg) is None and metric.higher_is_better
+    metric.build(ecfg, EvalContext(ecfg))
+    score = metric.score(_images(5), PROMPTS, EvalContext(ecfg))
+    direct = pickscore(_images(5), PROMPTS, model, processor)
+    assert score.values["pickscore"] == pytest.approx(float(direct.double().mean()))
+    assert score.samples.shape == (5,)
+    assert metric.weights() == [str(tmp_path / "model"), str(tmp_path / "processor")]
+    assert metric.enabled(OmegaConf.create({"pickscore_model": None})) == "eval.pickscore_model is null"

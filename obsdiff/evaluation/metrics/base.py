@@ -109,5 +109,6 @@ METRICS: Registry = Registry(
         "clip_score": "obsdiff.evaluation.metrics.clip_score:ClipScore",
         "ssim_dense": "obsdiff.evaluation.metrics.ssim_dense:SsimDense",
         "psnr_dense": "obsdiff.evaluation.metrics.psnr_dense:PsnrDense",
+        "pickscore": "obsdiff.evaluation.metrics.pickscore:PickScore",
     },
 )
