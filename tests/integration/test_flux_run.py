@@ -56,7 +56,9 @@ def test_obsdiff_model_tiny_flux_through_the_cli(cli, tmp_path):
     out = tmp_path / "cli"
     proc = cli([f"hydra.run.dir={out}", *SMALL, "sparsity=structured", "eval=none"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "package plan" in (out / "cli.log").read_text() or "package plan" in proc.stderr
+    log = (out / "cli.log").read_text() + proc.stderr
+    assert "memory plan (before weights load)" in log and "packages (before calibration)" in log
+    assert json.loads((out / "plan.json").read_text())["packages"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prune/num_layers"] == 5 and metrics["model/params"] < metrics["model/params_dense"]
 
