@@ -188,7 +188,7 @@ def test_a_single_run_logs_its_folder_and_its_failure_into_its_log_file(obsdiff,
     script = (
         "import sys, types\n"
         "def run(cfg, run_dir): raise RuntimeError('a bug in the run')\n"
-        "sys.modules['obsdiff.run'] = types.SimpleNamespace(run=run)\n"
+        "sys.modules['obsdiff.run'] = types.SimpleNamespace(run=run, plan_only=run)\n"
         "from obsdiff.cli import main\n"
         "main()\n"
     )
