@@ -74,7 +74,9 @@ class TimedSolver:
         self.seconds += time.perf_counter() - t0
         return result
 
-    def stacked(self, Ws: list[torch.Tensor], H: torch.Tensor, pattern: Pattern, **kwargs: Any) -> list[SolveResult]:
+    def stacked(
+        self, Ws: list[torch.Tensor], H: torch.Tensor, pattern: Pattern, **kwargs: Any
+    ) -> list[SolveResult]:
         """The wrapped solver's row-stacked sweep of one input group (timed with the solves)."""
         sync(self.device)
         t0 = time.perf_counter()
@@ -182,8 +184,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stack", action="store_true", help="solve the layers of an input group one by one")
     p.add_argument("--compile", action="store_true", help="calibration.compile: torch.compile the denoiser")
-    p.add_argument("--live-bytes", action="store_true",
-                   help="CPU: measure the peak of live tensors (obsdiff.plan.LiveBytes; slows the run)")
+    p.add_argument(
+        "--live-bytes",
+        action="store_true",
+        help="CPU: measure the peak of live tensors (obsdiff.plan.LiveBytes; slows the run)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("bench/results.jsonl"))
     args = vars(p.parse_args(argv))
@@ -228,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = prune_groupwise(adapter, pipe, calib, strategy, args.num_packages)
     sync(device)
     total_s = time.perf_counter() - t0
-    weights = sum(t.numel() * t.element_size() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
+    weights = sum(
+        t.numel() * t.element_size() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()]
+    )
     measured = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else live.peak + weights if args.live_bytes else float("nan"))  # fmt: skip
     numel = sum(r.rows * r.cols for r in records)

@@ -66,7 +66,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
@@ -121,7 +123,9 @@ class MemoryPlan:
 
     def package_peak(self, p: PackageBytes) -> int:
         calibrate = self.activation_bytes + p.hook_bytes
-        if self.onloaded_bytes is not None:  # one block on the device while sampling; the package's layers to solve
+        if (
+            self.onloaded_bytes is not None
+        ):  # one block on the device while sampling; the package's layers to solve
             return p.hessian_bytes + max(self.onloaded_bytes + calibrate, p.weight_bytes + p.solve_bytes)
         return self.denoiser_bytes + p.hessian_bytes + max(calibrate, p.solve_bytes)
 
@@ -175,7 +179,9 @@ def packages_table(packages: list[PackageBytes], peaks: list[int] | None = None)
                      f"{_gb(p.weight_bytes):>10} {_gb(p.solve_bytes):>10}{peak}  {p.device}")  # fmt: skip
     for p in packages:
         for first, last, count in p.shared:
-            lines.append(f"package {p.package}: one Hessian for {count} layers reading one input ({first} ... {last})")
+            lines.append(
+                f"package {p.package}: one Hessian for {count} layers reading one input ({first} ... {last})"
+            )
     return "\n".join(lines)
 
 
@@ -196,7 +202,9 @@ def summarize_package(denoiser: nn.Module, groups: list[tuple[str, ...]], k: int
     for group, first in zip(groups, firsts, strict=True):
         cols = columns(first)
         rows = sum(matrix(denoiser.get_submodule(n)).shape[0] for n in group)
-        solve = max(solve, 4 * FACTOR_MATRICES * cols * cols, 4 * cols * cols + 4 * SOLVE_MATRICES * rows * cols)
+        solve = max(
+            solve, 4 * FACTOR_MATRICES * cols * cols, 4 * cols * cols + 4 * SOLVE_MATRICES * rows * cols
+        )
     return PackageBytes(
         package=k, units=units, layers=len(layers), hessians=len(groups),
         hessian_bytes=sum(hessian_bytes(m) for m in firsts),
@@ -221,12 +229,15 @@ class FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def measure_forward(denoiser: nn.Module, inputs: dict, groups: list[tuple[str, ...]]) -> tuple[int, dict[str, int]]:
+def measure_forward(
+    denoiser: nn.Module, inputs: dict, groups: list[tuple[str, ...]]
+) -> tuple[int, dict[str, int]]:
     """Peak bytes of one no-grad forward (inputs included) and, per group's first layer, the bytes
     of what a Hessian hook makes of its input (``HessianAccumulator.add``: fp32, scaled)."""
     seen: dict[str, int] = {}
     hooks = []
     for group in groups:
+
         def hook(module: nn.Module, args: tuple, name: str = group[0]) -> None:
             x = layer_input(module, args[0])
             copies = 1 if x.dtype == torch.float32 else 2  # the fp32 copy, then its scaled copy
@@ -309,7 +320,9 @@ def check_fits(plan: MemoryPlan, unit_sizes: Sequence[int], batch_size: int) -> 
         f"{_gb(largest.hessian_bytes)}, denoiser {_gb(plan.denoiser_bytes)}, activations "
         f"{_gb(plan.activation_bytes)}); {int(100 * USABLE)}% of the device is {_gb(usable)}"
     )
-    resident = plan.denoiser_bytes if plan.onloaded_bytes is None else plan.onloaded_bytes + largest.weight_bytes
+    resident = (
+        plan.denoiser_bytes if plan.onloaded_bytes is None else plan.onloaded_bytes + largest.weight_bytes
+    )
     fixed = resident + max(plan.activation_bytes + largest.hook_bytes, largest.solve_bytes)
     budget = usable - fixed
     if budget >= max(unit_sizes):

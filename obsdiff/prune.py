@@ -204,7 +204,9 @@ def _prune_groupwise(
     packages = make_packages(adapter, denoiser, strategy, num_packages, package_bytes)
     if not packages:
         raise ValueError("no target layers or structure groups matched pruner.targets / pruner.blocks")
-    log.info("packages (before calibration):\n%s", packages_table(package_summaries(denoiser, strategy, packages)))
+    log.info(
+        "packages (before calibration):\n%s", packages_table(package_summaries(denoiser, strategy, packages))
+    )
     calib = distributed.shard(calib)  # data-parallel: this rank's prompts (obsdiff.distributed)
     records: list[LayerRecord] = []
     finished = 0 if checkpoints is None else checkpoints.finished(len(packages))
@@ -277,19 +279,29 @@ def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def make_packages(
-    adapter: ModelAdapter, denoiser: nn.Module, strategy: Strategy, num_packages: int, package_bytes: int | None
+    adapter: ModelAdapter,
+    denoiser: nn.Module,
+    strategy: Strategy,
+    num_packages: int,
+    package_bytes: int | None,
 ) -> list[list[Any]]:
     """The units cut into packages: ``num_packages`` even ones, or as many as fit ``package_bytes``
     of fp32 Hessians each (shared inputs once); works on ``meta``."""
     units = strategy.units(adapter, denoiser)
     if package_bytes is None:
         return split_packages(units, num_packages)
-    return split_by_bytes(units, [unit_bytes(denoiser, strategy.input_groups(u)) for u in units], package_bytes)
+    return split_by_bytes(
+        units, [unit_bytes(denoiser, strategy.input_groups(u)) for u in units], package_bytes
+    )
 
 
-def package_summaries(denoiser: nn.Module, strategy: Strategy, packages: list[list[Any]]) -> list[PackageBytes]:
+def package_summaries(
+    denoiser: nn.Module, strategy: Strategy, packages: list[list[Any]]
+) -> list[PackageBytes]:
     """Layers and bytes per package (shared inputs counted once); works on ``meta``."""
     return [
-        summarize_package(denoiser, [g for unit in package for g in strategy.input_groups(unit)], k, len(package))
+        summarize_package(
+            denoiser, [g for unit in package for g in strategy.input_groups(unit)], k, len(package)
+        )
         for k, package in enumerate(packages)
     ]

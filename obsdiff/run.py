@@ -28,8 +28,8 @@ from obsdiff.evaluation.grid import image_grid
 from obsdiff.fileio import atomic_write, write_text
 from obsdiff.models import ModelAdapter, get_adapter
 from obsdiff.models.base import resolve_device, torch_dtype
-from obsdiff.provenance import run_hash
 from obsdiff.plan import MemoryPlan, build_plan, check_fits, device_capacity, unit_bytes
+from obsdiff.provenance import run_hash
 from obsdiff.prune import NonFiniteError, make_packages, prepare_calibration, prune_groupwise
 from obsdiff.pruners.layerwise import LayerwiseStrategy
 from obsdiff.pruners.records import LayerRecord
@@ -99,7 +99,9 @@ def _follow(cfg: DictConfig, spec: RunSpec, run_dir: Path, digest: str) -> dict:
     adapter.offload_text_encoders(pipe)
     checkpoints = PackageCheckpoints(run_dir / "checkpoints", digest)  # read only: rank 0 writes them
     strategy = _strategy(spec, spec.pattern())
-    prune_groupwise(adapter, pipe, calib, strategy, spec.num_packages, None, checkpoints, None, spec.package_bytes)
+    prune_groupwise(
+        adapter, pipe, calib, strategy, spec.num_packages, None, checkpoints, None, spec.package_bytes
+    )
     return {}
 
 
@@ -214,9 +216,8 @@ def _prune(
     device = next(denoiser.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    records = prune_groupwise(
-        adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints, cache, spec.package_bytes
-    )  # fmt: skip
+    records = prune_groupwise(adapter, pipe, calib, strategy, spec.num_packages, write_layers, checkpoints,
+                              cache, spec.package_bytes)  # fmt: skip
     seconds = time.perf_counter() - start
     if device.type == "cuda":  # the plan's prediction is plan/peak_bytes
         metrics["prune/peak_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -159,6 +159,7 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         ffn_ratio=ffn_ratio, blocks=blocks, targets=targets, widths=widths, mask=pr.mask,
         update=effective_update(pr), damp_frac=pr.damp_frac,
         block_size=pr.block_size, num_packages=pr.num_packages,
-        package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes", pr.package_bytes),
+        package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes",
+                                                                         pr.package_bytes),
         dsnot=OmegaConf.to_container(pr.dsnot, resolve=True),
     )  # fmt: skip

@@ -441,7 +441,9 @@ class GenericAdapter(ModelAdapter):
         probe = self._recorded()
         inputs = probe["inputs"]
         if next(denoiser.parameters()).device.type == "meta":  # the memory plan's copy: meta inputs
-            inputs = self.example_inputs(denoiser, probe["rows"], probe["latent_size"], self.text_tokens(None))
+            inputs = self.example_inputs(
+                denoiser, probe["rows"], probe["latent_size"], self.text_tokens(None)
+            )
         with torch.no_grad(), _hooks(hooks):
             denoiser(**inputs)
         out: list[tuple[str, ...]] = []

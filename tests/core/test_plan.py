@@ -48,7 +48,9 @@ def test_live_bytes_counts_a_storage_once_until_it_is_freed():
     del d
 
 
-def test_plan_only_prints_and_writes_the_plan_without_loading_weights(compose_cfg, tmp_path, monkeypatch, capsys):
+def test_plan_only_prints_and_writes_the_plan_without_loading_weights(
+    compose_cfg, tmp_path, monkeypatch, capsys
+):
     def no_load(self, model_cfg):
         raise AssertionError("plan_only loaded the weights")
 
