@@ -7,37 +7,23 @@ An image equal to its dense one has infinite PSNR; it is capped at :data:`PSNR_C
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 from torchmetrics.functional import peak_signal_noise_ratio
 
 from obsdiff.evaluation.metrics.base import EvalContext, Score
-from obsdiff.evaluation.metrics.ssim_dense import fidelity_score
+from obsdiff.evaluation.metrics.ssim_dense import FidelityMetric, fidelity_score
 
 PSNR_CAP_DB = 100.0
 
 
-class PsnrDense:
+class PsnrDense(FidelityMetric):
     """PSNR to the dense model's images (same prompts and seeds), capped at 100 dB."""
 
     name: ClassVar[str] = "psnr_dense"
     label: ClassVar[str] = "PSNR to the dense model (dB)"
     higher_is_better: ClassVar[bool] = True
-    versus_dense: ClassVar[bool] = True
-
-    def enabled(self, ecfg: Any) -> str | None:
-        return None
-
-    def weights(self) -> list[str | Path]:
-        return []
-
-    def build(self, ecfg: Any, context: EvalContext) -> None:
-        return None
-
-    def about(self) -> dict[str, str]:
-        return {}
 
     def score(self, images: Tensor, prompts: list[str], context: EvalContext) -> Score:
         per_image = peak_signal_noise_ratio(

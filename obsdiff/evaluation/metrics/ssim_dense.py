@@ -21,12 +21,9 @@ def fidelity_score(name: str, per_image: Tensor) -> Score:
     return Score(values, per_image, lambda rows: rows.mean().item())
 
 
-class SsimDense:
-    """SSIM to the dense model's images (same prompts and seeds)."""
+class FidelityMetric:
+    """A per-image comparison with the dense model's images: no network, nothing to load."""
 
-    name: ClassVar[str] = "ssim_dense"
-    label: ClassVar[str] = "SSIM to the dense model"
-    higher_is_better: ClassVar[bool] = True
     versus_dense: ClassVar[bool] = True
 
     def enabled(self, ecfg: Any) -> str | None:
@@ -40,6 +37,14 @@ class SsimDense:
 
     def about(self) -> dict[str, str]:
         return {}
+
+
+class SsimDense(FidelityMetric):
+    """SSIM to the dense model's images (same prompts and seeds)."""
+
+    name: ClassVar[str] = "ssim_dense"
+    label: ClassVar[str] = "SSIM to the dense model"
+    higher_is_better: ClassVar[bool] = True
 
     def score(self, images: Tensor, prompts: list[str], context: EvalContext) -> Score:
         per_image = structural_similarity_index_measure(
