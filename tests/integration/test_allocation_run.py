@@ -3,11 +3,15 @@ differ, ``allocation.json``, and configs refused before any weights load."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
 from safetensors.torch import load_file
 
+from obsdiff import faults
 from obsdiff.run import run
 
 pytestmark = pytest.mark.slow
@@ -48,3 +52,29 @@ def test_owl_with_nm_or_structured_exits_2_before_any_weights_load(cli, tmp_path
     output = proc.stdout + proc.stderr
     assert "sparsity.allocation" in output and "unstructured only" in output
     assert "Loading pipeline" not in output and not (tmp_path / "run" / "allocation.json").exists()
+
+
+def test_owl_run_killed_mid_prune_resumes_to_the_same_weights_and_split(tmp_path):
+    """The pre-pass runs again on the reloaded dense model: the same split, the same bytes."""
+    args = ["+experiment=debug", "eval=none", "logger=none", "pruner.num_packages=3", "sparsity.ratio=0.7",
+            "sparsity.allocation=owl"]  # fmt: skip
+    env = {**os.environ, "OBSDIFF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop(faults.ENV, None)
+
+    def obsdiff(run_dir, **extra):
+        cmd = [sys.executable, "-m", "obsdiff.cli", *args, f"hydra.run.dir={run_dir}"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, **extra})
+
+    def outputs(run_dir):
+        split = json.loads((run_dir / "allocation.json").read_text())
+        split.pop("seconds")
+        return (run_dir / "pruned" / WEIGHTS).read_bytes(), split
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert obsdiff(whole).returncode == 0
+    first = obsdiff(killed, **{faults.ENV: "solve:1"})
+    assert first.returncode != 0 and (killed / "checkpoints").is_dir()
+    again = obsdiff(killed)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed: packages 1-1" in again.stdout + again.stderr
+    assert outputs(killed) == outputs(whole)
