@@ -74,3 +74,37 @@ class HessianAccumulator:
         acc.weight_sum, acc.tokens = float(scalars["weight_sum"]), int(scalars["tokens"])
         acc.num_calls = int(scalars["num_calls"])
         return acc
+
+
+class DiagonalAccumulator:
+    """Only ``diag(H)`` of :class:`HessianAccumulator`: the weighted ``2 Σ α x_j²`` per input column.
+
+    The same running, ``α × batch``-weighted mean (so ``sqrt(diag)`` is the timestep-weighted
+    ``‖X_j‖₂`` of Wanda and OWL, up to one constant per layer), in O(cols) memory and O(tokens ×
+    cols) time per call instead of O(tokens × cols²): a dense pre-pass over every target layer at
+    once (``obsdiff.allocation``) costs little beyond the sampler runs.
+
+    Args:
+        cols: input features of the layer(s).
+        device: where the diagonal lives.
+    """
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        self.diag = torch.zeros(cols, dtype=torch.float64, device=device)
+        self.weight_sum = 0.0
+        self.num_calls = 0
+
+    def add(self, x: torch.Tensor, alpha: float) -> None:
+        """Add one forward pass's input (as :meth:`HessianAccumulator.add`).
+
+        Args:
+            x: (batch, ..., cols) layer input; every token is a column of ``X``.
+            alpha: the timestep weight ``α_i`` of the current denoising step.
+        """
+        batch = x.shape[0] if x.dim() > 1 else 1
+        X = x.detach().reshape(-1, x.shape[-1]).to(self.diag.device, torch.float32)  # (B*L, cols)
+        w = alpha * batch
+        self.diag *= self.weight_sum / (self.weight_sum + w)
+        self.weight_sum += w
+        self.diag += (2 * alpha / self.weight_sum) * X.square().sum(dim=0, dtype=torch.float64)
+        self.num_calls += 1

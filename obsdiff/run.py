@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from obsdiff import distributed, faults
+from obsdiff.allocation import Allocation, allocate
 from obsdiff.artifacts import library_versions, load_pruned, read_manifest, save_pruned, write_model_card
 from obsdiff.calibration.hessian_cache import HessianCache
 from obsdiff.checkpoint import PackageCheckpoints
@@ -43,7 +44,10 @@ LAYER_COLUMNS = [f.name for f in dataclasses.fields(LayerRecord)]
 
 
 # What a run writes into its directory (``resume=false`` deletes these before starting).
-OUTPUTS = ("status.json", "metrics.json", "layers.csv", "samples.png", "plan.json", "pruned", "checkpoints")
+OUTPUTS = (
+    "status.json", "metrics.json", "layers.csv", "samples.png", "plan.json", "allocation.json", "pruned",
+    "checkpoints",
+)  # fmt: skip
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -98,7 +102,8 @@ def _follow(cfg: DictConfig, spec: RunSpec, run_dir: Path, digest: str) -> dict:
     calib = prepare_calibration(adapter, pipe, cfg.calibration, cfg.schedule)
     adapter.offload_text_encoders(pipe)
     checkpoints = PackageCheckpoints(run_dir / "checkpoints", digest)  # read only: rank 0 writes them
-    strategy = _strategy(spec, spec.pattern())
+    allocation = allocate(adapter, pipe, calib, spec)  # every rank: the whole set, the same split
+    strategy = _strategy(spec, spec.pattern(), allocation)
     prune_groupwise(
         adapter, pipe, calib, strategy, spec.num_packages, None, checkpoints, None, spec.package_bytes
     )
@@ -202,9 +207,13 @@ def _prune(
 ) -> list:
     """Prune with the spec's strategy, record the metrics, save; return the layer rows."""
     denoiser, pattern = adapter.denoiser(pipe), spec.pattern()
-    strategy = _strategy(spec, pattern)
     names = _target_names(adapter, denoiser, spec)
     numel_before = sum(denoiser.get_submodule(n).weight.numel() for n in names)
+    allocation = allocate(adapter, pipe, calib, spec)  # sparsity.allocation: before package 1, dense
+    if allocation is not None:
+        write_text(run_dir / "allocation.json", json.dumps(allocation.to_dict(), indent=2))
+        metrics |= {"prune/allocation": allocation.method, "prune/allocation_seconds": allocation.seconds}
+    strategy = _strategy(spec, pattern, allocation)
     done: list[LayerRecord] = []
 
     def write_layers(rows: list[LayerRecord]) -> None:  # the whole file, every layer once
@@ -309,11 +318,14 @@ def _hessian_cache(cfg: DictConfig, adapter: ModelAdapter) -> HessianCache | Non
     return HessianCache(cfg.pruner.hessian_cache, key)
 
 
-def _strategy(spec: RunSpec, pattern: Any) -> LayerwiseStrategy | StructuredStrategy:
+def _strategy(
+    spec: RunSpec, pattern: Any, allocation: Allocation | None = None
+) -> LayerwiseStrategy | StructuredStrategy:
     if spec.structured:
         return StructuredStrategy(spec.mask, pattern, spec.blocks, spec.damp_frac, spec.update == "obs")
     solver = layer_solver(spec.mask, spec.update, spec.damp_frac, spec.block_size, spec.dsnot)
-    return LayerwiseStrategy(solver, pattern, spec.targets, spec.blocks)
+    patterns = None if allocation is None else allocation.patterns(pattern)
+    return LayerwiseStrategy(solver, pattern, spec.targets, spec.blocks, patterns)
 
 
 def _target_names(adapter: ModelAdapter, denoiser: Any, spec: RunSpec) -> list[str]:

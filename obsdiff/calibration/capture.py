@@ -10,8 +10,9 @@ once per denoiser call. Conv2d inputs are unfolded (``obsdiff.layers``). The hoo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ def capture_hessians(
     input_groups: Sequence[tuple[str, ...]],
     tracker: StepTracker,
     device: torch.device | str | None = None,
+    accumulator: Callable[[int, Any], Any] = HessianAccumulator,
 ) -> Iterator[dict[str, HessianAccumulator]]:
     """Accumulate ``2 Σ α_i X_i X_iᵀ`` for every layer of ``input_groups`` while the block runs.
 
@@ -35,6 +37,8 @@ def capture_hessians(
         input_groups: tuples of layer names that receive the same input.
         tracker: supplies ``α`` of the current denoising step.
         device: where the Hessians live (default: each layer's weight device).
+        accumulator: ``(cols, device) -> obj`` with ``obj.add(x, alpha)``; e.g.
+            :class:`obsdiff.hessian.DiagonalAccumulator` keeps only ``diag(H)``.
 
     Yields:
         Layer name → accumulator; layers of one group map to the same object.
@@ -51,7 +55,7 @@ def capture_hessians(
     try:
         for group in input_groups:
             first = denoiser.get_submodule(group[0])
-            acc = HessianAccumulator(columns(first), device or first.weight.device)
+            acc = accumulator(columns(first), device or first.weight.device)
             for name in group:
                 hessians[name] = acc
             handles.append(first.register_forward_pre_hook(torch.compiler.disable(make_hook(acc))))

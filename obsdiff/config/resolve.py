@@ -35,6 +35,7 @@ class RunSpec:
         damp_frac, block_size, num_packages: solver and loop settings.
         package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
         dsnot: DSnoT's options.
+        allocation, allocation_granularity, owl: the sparsity allocation (``obsdiff.allocation``).
     """
 
     family: str
@@ -57,6 +58,9 @@ class RunSpec:
     num_packages: int
     package_bytes: int | None
     dsnot: dict[str, Any] = field(default_factory=dict)
+    allocation: str = "uniform"
+    allocation_granularity: str = "block"
+    owl: dict[str, Any] = field(default_factory=dict)
 
     @property
     def structured(self) -> bool:
@@ -162,4 +166,7 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes",
                                                                          pr.package_bytes),
         dsnot=OmegaConf.to_container(pr.dsnot, resolve=True),
+        allocation=sp.get("allocation", "uniform"),
+        allocation_granularity=sp.get("allocation_granularity", "block"),
+        owl=OmegaConf.to_container(sp.owl, resolve=True) if "owl" in sp else {},
     )  # fmt: skip

@@ -81,6 +81,14 @@ class ScheduleConfig:
 
 
 @dataclass
+class OwlConfig:
+    """OWL's allocation rule (``obsdiff.solvers.owl``); the reference's defaults (LLaMA-7B)."""
+
+    threshold_m: float = 5.0  # M: a score is an outlier above M x the mean score of its block
+    lam: float = 0.08  # lambda: every block's sparsity stays within ratio +- lam
+
+
+@dataclass
 class SparsityConfig:
     kind: str = "unstructured"
     ratio: float = 0.5
@@ -89,6 +97,11 @@ class SparsityConfig:
     exact_count: bool = False  # unstructured: exact per-block count instead of the reference's `<=`
     head_ratio: float | None = None  # structured: fraction of heads (null = ratio)
     ffn_ratio: float | None = None  # structured: fraction of FFN neurons (null = ratio)
+    # unstructured: uniform (every target layer at ratio) | owl: OWL's outlier-weighted split of
+    # ratio over blocks (a dense diag(H) pre-pass first); the global count stays round(ratio x weights)
+    allocation: str = "uniform"
+    allocation_granularity: str = "block"  # owl: one sparsity per block | per target layer
+    owl: OwlConfig = field(default_factory=OwlConfig)
 
 
 @dataclass

@@ -41,6 +41,9 @@ from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, STRUCTURED_METHODS, UPDAT
 # torch dtype names of ``model.torch_dtype`` (``obsdiff.models.base.DTYPES``; a test keeps them equal).
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 SPARSITY_KINDS = ("unstructured", "nm", "structured")
+# sparsity.allocation (obsdiff.allocation) and its granularity
+ALLOCATIONS = ("uniform", "owl")
+ALLOCATION_GRANULARITIES = ("block", "layer")
 EVAL_KINDS = ("tiny", "coco", "none")
 LOGGER_KINDS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
@@ -162,7 +165,8 @@ def check_offload(model: DictConfig) -> None:
 
 
 def check_sparsity(cfg: DictConfig) -> None:
-    """``sparsity``: ratios, N:M, the kind-specific fields, ``pruner.block_size`` as a multiple of M."""
+    """``sparsity``: ratios, N:M, the kind-specific fields, ``pruner.block_size`` as a multiple of M,
+    the allocation."""
     sp = cfg.sparsity
     one_of("sparsity.kind", sp.kind, SPARSITY_KINDS)
     fraction("sparsity.ratio", sp.ratio)
@@ -178,6 +182,21 @@ def check_sparsity(cfg: DictConfig) -> None:
             if sp.kind != "structured":
                 fail(f"sparsity.{key}", sp[key], f"null for sparsity.kind={sp.kind} (structured only)")
             fraction(f"sparsity.{key}", sp[key])
+    check_allocation(sp)
+
+
+def check_allocation(sp: DictConfig) -> None:
+    """``sparsity.allocation``: a known rule, unstructured only, and OWL's ``M > 0``, ``0 <= λ < 1``."""
+    one_of("sparsity.allocation", sp.allocation, ALLOCATIONS)
+    one_of("sparsity.allocation_granularity", sp.allocation_granularity, ALLOCATION_GRANULARITIES)
+    if sp.allocation != "uniform" and sp.kind != "unstructured":
+        fail(
+            "sparsity.allocation", sp.allocation,
+            f"uniform for sparsity.kind={sp.kind} (a non-uniform split is unstructured only)",
+        )  # fmt: skip
+    if not (finite(sp.owl.threshold_m) and sp.owl.threshold_m > 0):
+        fail("sparsity.owl.threshold_m", sp.owl.threshold_m, "a finite number > 0 (5 in the reference)")
+    fraction("sparsity.owl.lam", sp.owl.lam)
 
 
 def check_schedule(sch: DictConfig) -> None:

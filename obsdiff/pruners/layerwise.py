@@ -3,13 +3,14 @@
 The group's Hessian is damped and factorised once (``solver.factorize``) and the factor is shared
 by its layers: q/k/v, Flux's four single-block layers, the UNets' model-wide cross K/V. Where the
 method has an OBS update (``solver.stacked``) a group of several layers is solved in one
-row-stacked column sweep, bit for bit the separate solves; otherwise one solve per layer.
+row-stacked column sweep, bit for bit the separate solves; otherwise one solve per layer. With a
+non-uniform allocation (``patterns``: an exact count per layer) every layer is solved on its own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,19 @@ class LayerwiseStrategy:
         pattern: the sparsity pattern.
         targets: target layer names relative to a block.
         blocks: block indices (``None`` = all).
+        patterns: one pattern per layer name (``sparsity.allocation``, ``obsdiff.allocation``);
+            ``None``: ``pattern`` for every layer.
     """
 
     solver: LayerSolver
     pattern: Pattern
     targets: Sequence[str]
     blocks: Sequence[int] | None = None
+    patterns: Mapping[str, Pattern] | None = None
+
+    def pattern_of(self, name: str) -> Pattern:
+        """The pattern layer ``name`` is pruned to."""
+        return self.pattern if self.patterns is None else self.patterns[name]
 
     def units(self, adapter: ModelAdapter, denoiser: nn.Module) -> list[Unit]:
         return adapter.units(denoiser, self.blocks, self.targets)
@@ -59,7 +67,7 @@ class LayerwiseStrategy:
             t0 = time.perf_counter()
             factor = factorize(acc.H, layer=group[0]) if factorize is not None else None
             shared = (time.perf_counter() - t0) / len(group)  # its time is split over the layers
-            if stacked is not None and len(group) > 1:
+            if stacked is not None and len(group) > 1 and self.patterns is None:
                 records += self._prune_stacked(denoiser, group, acc, package, factor, shared)
                 continue
             for name in group:
@@ -92,7 +100,7 @@ class LayerwiseStrategy:
         W = matrix(denoiser.get_submodule(name))  # a conv as its unfolded (out, in·kh·kw) matrix, a view
         t0 = time.perf_counter()
         kwargs = {"factor": factor} if factor is not None else {}
-        result = self.solver(W, acc.H, self.pattern, layer=name, moments=acc.moments(), **kwargs)
+        result = self.solver(W, acc.H, self.pattern_of(name), layer=name, moments=acc.moments(), **kwargs)
         return self._record(name, W, result, acc, package, time.perf_counter() - t0 + shared)
 
     def _prune_stacked(

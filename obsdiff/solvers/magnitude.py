@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from obsdiff.solvers.obs import Pattern, SolveResult
+from obsdiff.solvers.obs import Pattern, SolveResult, split_count
 
 
 def lowest_score_mask(scores: torch.Tensor, pattern: Pattern, *, per_row: bool) -> torch.Tensor:
@@ -17,8 +17,9 @@ def lowest_score_mask(scores: torch.Tensor, pattern: Pattern, *, per_row: bool) 
     Args:
         scores: (rows, cols) importance; lower is removed first.
         pattern: unstructured: the ``ratio`` fraction, exactly ``floor(count * ratio)`` weights
-            (``exact_count`` is irrelevant here: the count is always exact); N:M: the ``n``
-            lowest in every aligned group of ``m`` columns of every row.
+            (``exact_count`` is irrelevant here: the count is always exact), or exactly
+            ``pattern.count`` of the layer (per row: split over the rows by ``split_count``);
+            N:M: the ``n`` lowest in every aligned group of ``m`` columns of every row.
         per_row: unstructured only: rank within each row (Wanda) instead of over the whole layer
             (magnitude).
 
@@ -40,9 +41,22 @@ def lowest_score_mask(scores: torch.Tensor, pattern: Pattern, *, per_row: bool) 
     if not 0.0 <= pattern.ratio <= 1.0:
         raise ValueError(f"sparsity ratio must be in [0, 1], got {pattern.ratio}")
     flat = scores if per_row else scores.reshape(1, -1)  # (rows, cols) or (1, rows*cols)
+    if pattern.count is not None:
+        return _counted_mask(flat, pattern.count).reshape(rows, cols)
     k = int(flat.shape[1] * pattern.ratio)
     idx = torch.argsort(flat, dim=1, stable=True)[:, :k]
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True).reshape(rows, cols)
+
+
+def _counted_mask(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Exactly ``count`` lowest scores of ``flat`` (parts, size), split over its parts (rows)."""
+    parts, size = flat.shape
+    if not 0 <= count <= flat.numel():
+        raise ValueError(f"pattern.count must be in [0, {flat.numel()}], got {count}")
+    k = torch.tensor([split_count(count, parts, p, p + 1) for p in range(parts)], device=flat.device)
+    idx = torch.argsort(flat, dim=1, stable=True)
+    chosen = torch.arange(size, device=flat.device).unsqueeze(0) < k.unsqueeze(1)  # (parts, size)
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, chosen)
 
 
 def magnitude_mask(W: torch.Tensor, pattern: Pattern) -> torch.Tensor:

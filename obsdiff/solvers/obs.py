@@ -31,6 +31,10 @@ class Pattern:
         m: group size (N:M).
         exact_count: unstructured only: prune exactly ``floor(numel * ratio)`` weights per block
             instead of the reference's ``<=`` threshold (which can remove one more).
+        count: unstructured only: remove exactly this many weights of the layer (a non-uniform
+            allocation's integer share, ``obsdiff.allocation``); ``None``: ``ratio`` decides.
+            Spread over OBS column blocks and Wanda rows by :func:`split_count`; ``ratio`` is
+            then only reported.
     """
 
     kind: str
@@ -38,10 +42,23 @@ class Pattern:
     n: int = 0
     m: int = 0
     exact_count: bool = False
+    count: int | None = None
 
     @property
     def target_sparsity(self) -> float:
         return self.n / self.m if self.kind == "nm" else self.ratio
+
+
+def split_count(count: int, parts: int, start: int, stop: int) -> int:
+    """The share of ``count`` removals that falls on items ``start:stop`` of ``parts`` equal items.
+
+    ``floor(count·stop/parts) − floor(count·start/parts)``: proportional to ``stop − start``
+    within one removal, and the shares of any partition of ``0:parts`` sum to ``count`` exactly
+    (integer arithmetic, no float ratio to round).
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    return count * stop // parts - count * start // parts
 
 
 @dataclass
@@ -148,12 +165,14 @@ def factorize(
     return Factor(Hinv, dead, damp, used_frac)
 
 
-def _block_mask(W1: torch.Tensor, d: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Unstructured mask of one column block, chosen over all rows at once (reference rule)."""
+def _block_mask(W1: torch.Tensor, d: torch.Tensor, pattern: Pattern, k: int | None = None) -> torch.Tensor:
+    """Unstructured mask of one column block, chosen over all rows at once (reference rule);
+    ``k``: remove exactly that many (``pattern.count``'s share of the block)."""
     tmp = W1**2 / d.reshape(1, -1) ** 2  # (rows, count) saliency w² / U_qq²
     flat = tmp.flatten()
-    k = int(flat.numel() * pattern.ratio)
-    if pattern.exact_count:
+    exact = pattern.exact_count or k is not None
+    k = int(flat.numel() * pattern.ratio) if k is None else k
+    if exact:
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.argsort(flat, stable=True)[:k]] = True
         return mask.reshape(tmp.shape)
@@ -233,6 +252,10 @@ def obs_solve_stacked(
         raise ValueError(
             f"{layers[0]}: N:M needs cols ({cols}) and block_size ({block_size}) divisible by M={pattern.m}"
         )
+    if pattern.count is not None and len(Ws) > 1:
+        raise ValueError(f"{layers[0]}: pattern.count is one layer's removals; solve the layers one by one")
+    if pattern.count is not None and not 0 <= pattern.count <= Ws[0].numel():
+        raise ValueError(f"{layers[0]}: pattern.count must be in [0, {Ws[0].numel()}], got {pattern.count}")
     for W, M, name in zip(Ws, masks if masks is not None else [None] * len(Ws), layers, strict=True):
         if M is not None and M.shape != W.shape:
             raise ValueError(f"{name}: mask shape {tuple(M.shape)} != weight shape {tuple(W.shape)}")
@@ -294,7 +317,8 @@ def _sweep(
         if fixed_mask is not None:
             mask1 = fixed_mask[:, i1:i2].clone()
         elif pattern.kind == "unstructured":
-            mask1 = torch.cat([_block_mask(W1[r0:r1], d1, pattern) for r0, r1 in segments])
+            k = None if pattern.count is None else split_count(pattern.count, cols, i1, i2)
+            mask1 = torch.cat([_block_mask(W1[r0:r1], d1, pattern, k) for r0, r1 in segments])
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
