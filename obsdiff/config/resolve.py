@@ -35,6 +35,7 @@ class RunSpec:
         damp_frac, block_size, num_packages: solver and loop settings.
         package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
         dsnot: DSnoT's options.
+        admm: the ADMM update's options.
     """
 
     family: str
@@ -57,6 +58,7 @@ class RunSpec:
     num_packages: int
     package_bytes: int | None
     dsnot: dict[str, Any] = field(default_factory=dict)
+    admm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def structured(self) -> bool:
@@ -162,4 +164,5 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes",
                                                                          pr.package_bytes),
         dsnot=OmegaConf.to_container(pr.dsnot, resolve=True),
+        admm=OmegaConf.to_container(pr.admm, resolve=True),
     )  # fmt: skip
