@@ -7,7 +7,7 @@ Plain tensor math. For every row ``w`` of ``W`` (rows are independent), with ``S
 
 where ``H_d`` is ``H`` with obs.py's conventions: dead inputs (``H_jj = 0``) get ``H_jj = 1`` and
 zero weights, then ``H_d = H + damp_frac · mean(diag H) · I``. ADMM splits ``W = Z`` with ``Z``
-constrained to the mask (paper eq. for W, Z, U, scaled dual ``U``):
+constrained to the mask (the paper's updates, with the scaled dual ``U``):
 
     W ← (W₀ H + ρ (Z − U)) (H + ρ I)⁻¹       (one inverse per ρ value; the iterations are matmuls)
     Z ← (W + U) ⊙ M                          (projection on the mask, M = 1 on kept weights)
@@ -20,7 +20,7 @@ variables leaves the optimum unchanged. The result is the last ``Z = (W + U) ⊙
 final step): exactly zero on the mask, nothing else forced to zero. The problem is convex, so with
 enough iterations the result is the exact least-squares optimum on the kept set.
 
-Gradual mask growth (paper §3.2, ``growth`` iterations, cubic schedule
+Gradual mask growth (the paper's gradual pruning, ``growth`` iterations, cubic schedule
 ``s_t = s (1 − (1 − (t+1)/growth)³)``): the paper grows its own mask by ``|W + U|``; here the final
 mask is given, so iteration ``t < growth`` removes, in every row, the fraction
 ``1 − (1 − (t+1)/growth)³`` of that row's masked weights with the smallest preconditioned
@@ -32,6 +32,7 @@ replaces the reference's ``0.1`` on the normalised diagonal, so ADMM and OBS min
 objective; a geometric ρ schedule is available (``rho_factor``, ``rho_every``; the scaled dual is
 rescaled by ``ρ_old / ρ_new`` on every change, Boyd et al. 2011 §3.4.1), off by default (the
 reference code keeps ``ρ = 1``); the inverse comes from a Cholesky factor, not ``torch.inverse``.
+Memory: the factor holds ``Hn`` and one (cols, cols) inverse per distinct ρ value.
 """
 
 from __future__ import annotations
