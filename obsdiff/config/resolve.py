@@ -36,6 +36,7 @@ class RunSpec:
         package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
         dsnot: DSnoT's options.
         allocation, allocation_granularity, owl: the sparsity allocation (``obsdiff.allocation``).
+        admm: the ADMM update's options.
     """
 
     family: str
@@ -61,6 +62,7 @@ class RunSpec:
     allocation: str = "uniform"
     allocation_granularity: str = "block"
     owl: dict[str, Any] = field(default_factory=dict)
+    admm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def structured(self) -> bool:
@@ -169,4 +171,5 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         allocation=sp.get("allocation", "uniform"),
         allocation_granularity=sp.get("allocation_granularity", "block"),
         owl=OmegaConf.to_container(sp.owl, resolve=True) if "owl" in sp else {},
+        admm=OmegaConf.to_container(pr.admm, resolve=True),
     )  # fmt: skip

@@ -118,10 +118,21 @@ class DsnotConfig:
 
 
 @dataclass
+class AdmmConfig:
+    """The ADMM update's options (``pruner.update=admm``; see ``obsdiff.solvers.admm``)."""
+
+    rho: float = 1.0  # penalty ρ on the unit-diagonal (preconditioned) Hessian; paper: 1
+    iterations: int = 20  # ADMM iterations (each a matmul); paper: 20
+    growth: int = 0  # gradual mask growth over the first iterations (paper: 15 for its own mask; 0 = off)
+    rho_factor: float = 1.0  # ρ is multiplied by this every rho_every iterations (1 = constant)
+    rho_every: int = 0  # iterations per ρ value, one factorisation each (0 = one ρ throughout)
+
+
+@dataclass
 class PrunerConfig:
     name: str = "obs_diff"  # the method's label in metrics and reports
     mask: str = "obs"  # which weights go: obs | magnitude | wanda | dsnot; structured: obs | l1
-    update: str = "obs"  # obs: OBS compensation on that mask | none: plain masking
+    update: str = "obs"  # obs: OBS compensation on that mask | admm: ADMM re-fit | none: plain masking
     num_packages: int = 4
     package_bytes: Any = None  # a Hessian budget per package ("20GB", or bytes): overrides num_packages
     damp_frac: float = 0.01
@@ -129,6 +140,7 @@ class PrunerConfig:
     blocks: Any = None  # null = all blocks ([1, L-1) for structured); a list of indices; or "start:stop"
     compensate: bool = True  # false = update=none (the "no OBS update" ablation)
     dsnot: DsnotConfig = field(default_factory=DsnotConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
     targets: list[str] | None = None  # null = the model family's default targets
     hessian_cache: str | None = None  # a folder: reuse package 1's Hessians across runs (opt-in)
 

@@ -216,6 +216,8 @@ def check_pruner(cfg: DictConfig) -> None:
     methods = STRUCTURED_METHODS if kind == "structured" else MASK_METHODS
     one_of("pruner.mask", pr.mask, methods, f" (for sparsity={kind})")
     one_of("pruner.update", pr["update"], UPDATES)  # pr.update is DictConfig.update, the method
+    if kind == "structured" and pr["update"] == "admm":
+        fail("pruner.update", "admm", "obs or none for sparsity=structured (ADMM re-fits unstructured / N:M)")
     int_at_least("pruner.num_packages", pr.num_packages, 1)
     if pr.package_bytes is not None:
         parse_bytes("pruner.package_bytes", pr.package_bytes)
@@ -232,6 +234,18 @@ def check_pruner(cfg: DictConfig) -> None:
         if not targets or len(set(targets)) < len(targets):
             fail("pruner.targets", targets, "null (the family's default targets) or distinct target layers")
     check_dsnot(pr.dsnot)
+    check_admm(pr.admm)
+
+
+def check_admm(ad: DictConfig) -> None:
+    """``pruner.admm``: ρ > 0, a ρ factor > 0, counts >= 0 and growth within the iterations."""
+    for key in ("rho", "rho_factor"):
+        if not (finite(ad[key]) and ad[key] > 0):
+            fail(f"pruner.admm.{key}", ad[key], "a finite number > 0 (1 in the paper)")
+    for key in ("iterations", "growth", "rho_every"):
+        int_at_least(f"pruner.admm.{key}", ad[key], 0)
+    if ad.growth > ad.iterations:
+        fail("pruner.admm.growth", ad.growth, f"at most pruner.admm.iterations ({ad.iterations})")
 
 
 def check_dsnot(ds: DictConfig) -> None:

@@ -1,9 +1,10 @@
 """Pruning methods, found by name: a mask choice and a weight update, both plain tensor math.
 
 Layer-wise (unstructured, N:M) a method is ``mask`` (which weights go: ``obs``, ``magnitude``,
-``wanda``, ``dsnot``) plus ``update`` (``obs``: the OBS compensation on that mask; ``none``: plain
-masking). ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice
-vs reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
+``wanda``, ``dsnot``) plus ``update`` (``obs``: the OBS compensation on that mask; ``admm``: the
+least-squares re-fit of the kept weights by ADMM, Boža 2024; ``none``: plain masking).
+``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice vs
+reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
 
 Importing this package does not import torch: config validation reads the registries' names.
 The solver modules load on first use; ``Pattern``, ``SolveResult``, ``obs_solve``,
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from obsdiff.registry import Registry
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 Moments = tuple["torch.Tensor", "torch.Tensor"]  # per-column input mean and variance (DSnoT)
 _FROM_OBS = (
     "CholeskyError",
+    "Factors",
     "Pattern",
     "SolveResult",
     "obs_solve",
@@ -82,6 +84,15 @@ def _obs_update(W, H, pattern, mask, layer, options) -> SolveResult:
                      factor=options.get("factor"))  # fmt: skip
 
 
+def _admm_update(W, H, pattern, mask, layer, options) -> SolveResult:
+    from obsdiff.solvers.admm import admm_update
+
+    factor = options.get("admm_factor")
+    return admm_update(
+        W, H, mask, damp_frac=options["damp_frac"], layer=layer, factor=factor, **options["admm"]
+    )
+
+
 def _no_update(W, H, pattern, mask, layer, options) -> SolveResult:
     from obsdiff.solvers.magnitude import apply_mask
 
@@ -95,7 +106,7 @@ MASK_METHODS: Registry[Callable[..., torch.Tensor]] = Registry(
 )
 # ``pruner.update``: ``(W, H, pattern, mask, layer, options) -> SolveResult``.
 UPDATES: Registry[Callable[..., SolveResult]] = Registry(
-    "update (pruner.update)", {"obs": _obs_update, "none": _no_update}
+    "update (pruner.update)", {"obs": _obs_update, "admm": _admm_update, "none": _no_update}
 )
 # ``pruner.mask`` for ``sparsity=structured``: how heads / neurons are chosen (a ``StructuredMethod``
 # class of ``obsdiff.pruners.structured``; a new structured method is one entry here).
@@ -110,45 +121,76 @@ DSNOT_INITS: Registry[Callable[..., torch.Tensor]] = Registry(
 )
 
 
+class Factors(NamedTuple):
+    """What ``layer_solver(..., update="admm").factorize`` shares: the OBS factor (an OBS mask),
+    ``None`` otherwise, and the ADMM factor."""
+
+    obs: Any
+    admm: Any
+
+
 def layer_solver(
     mask: str,
     update: str,
     damp_frac: float = 0.01,
     block_size: int = 128,
     dsnot: dict[str, Any] | None = None,
+    admm: dict[str, Any] | None = None,
 ) -> Callable[..., SolveResult]:
     """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
 
-    ``solve.factorize(H, layer=...)`` gives the damped inverse-Cholesky factor its OBS steps use,
-    once for all layers of an input group (bit for bit what each solve would compute). With the
-    OBS update, ``solve.stacked(Ws, H, pattern, *, layers, moments, factor) -> list[SolveResult]``
-    solves such a group in one row-stacked sweep (``obs_solve_stacked``), again bit for bit.
+    ``solve.factorize(H, layer=...)`` gives what the method's steps need from ``H`` alone (the
+    damped inverse-Cholesky factor of its OBS steps; with the ADMM update, :class:`Factors` with
+    the ADMM inverses too), once for all layers of an input group (bit for bit what each solve
+    would compute). With the OBS or ADMM update, ``solve.stacked(Ws, H, pattern, *, layers,
+    moments, factor) -> list[SolveResult]`` solves such a group in one row-stacked run
+    (``obs_solve_stacked``: bit for bit; ``admm_update_stacked``: up to matmul rounding).
 
     Args:
         mask: one of ``MASK_METHODS``.
-        update: ``"obs"`` (OBS compensation on the chosen mask) or ``"none"``.
-        damp_frac: relative damping of every OBS solve.
+        update: one of ``UPDATES``: ``"obs"`` (OBS compensation on the chosen mask), ``"admm"``
+            or ``"none"``.
+        damp_frac: relative damping of every OBS solve and of the ADMM objective.
         block_size: OBS lazy-update block.
         dsnot: DSnoT's options (``init``, ``max_cycles``, ``update_threshold``, …).
+        admm: the ADMM update's options (``rho``, ``iterations``, ``growth``, ``rho_factor``,
+            ``rho_every``; see ``obsdiff.solvers.admm.admm_update``).
     """
     choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
-    options = {"damp_frac": damp_frac, "block_size": block_size, "dsnot": dict(dsnot or {})}
+    options = {"damp_frac": damp_frac, "block_size": block_size}
+    options |= {"dsnot": dict(dsnot or {}), "admm": dict(admm or {})}
+
+    def split(factor) -> dict[str, Any]:
+        """The options' factors: ``factor`` is the OBS one, or :class:`Factors` with the ADMM update."""
+        if update != "admm":
+            return {"factor": factor}
+        factor = factor or Factors(None, None)
+        return {"factor": factor.obs, "admm_factor": factor.admm}
 
     def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None, factor=None) -> SolveResult:
         if mask == "obs" and update == "obs":
             from obsdiff.solvers.obs import obs_solve
 
             return obs_solve(W, H, pattern, damp_frac, block_size, layer, factor=factor)
-        chosen = choose(W, H, pattern, layer, moments, options | {"factor": factor})
-        return compensate(W, H, pattern, chosen, layer, options | {"factor": factor})
+        opts = options | split(factor)
+        chosen = choose(W, H, pattern, layer, moments, opts)
+        return compensate(W, H, pattern, chosen, layer, opts)
 
     def factorize(H, *, layer: str = ""):
-        """The damped factor of ``H`` that every OBS step of this method reuses (``None``: no OBS step)."""
-        if "obs" not in (mask, update):
-            return None
-        from obsdiff.solvers.obs import factorize as factor_of
+        """What every step of this method reuses from ``H`` (``None``: nothing to share)."""
+        obs = None
+        if "obs" in (mask, update):
+            from obsdiff.solvers.obs import factorize as factor_of
 
-        return factor_of(H, damp_frac, layer)
+            obs = factor_of(H, damp_frac, layer)
+        if update != "admm":
+            return obs
+        from obsdiff.solvers.admm import admm_factorize_for
+
+        return Factors(obs, admm_factorize_for(H, damp_frac, layer, **options["admm"]))
+
+    def chosen_masks(Ws, H, pattern, layers, moments, opts):
+        return [choose(W, H, pattern, name, moments, opts) for W, name in zip(Ws, layers, strict=True)]
 
     def stacked(Ws, H, pattern, *, layers: list[str], moments: Moments | None = None, factor=None):
         """Layers of one input group in one row-stacked OBS sweep: bit for bit their separate solves."""
@@ -156,13 +198,23 @@ def layer_solver(
 
         chosen = None
         if mask != "obs":  # the mask is chosen per layer, the OBS compensation runs stacked
-            chosen = [choose(W, H, pattern, name, moments, options | {"factor": factor})
-                      for W, name in zip(Ws, layers, strict=True)]  # fmt: skip
+            chosen = chosen_masks(Ws, H, pattern, layers, moments, options | {"factor": factor})
         return obs_solve_stacked(Ws, H, pattern, damp_frac, block_size, layers, masks=chosen, factor=factor)
 
+    def stacked_admm(Ws, H, pattern, *, layers: list[str], moments: Moments | None = None, factor=None):
+        """Masks chosen per layer, the ADMM update of the group in one row-stacked run."""
+        from obsdiff.solvers.admm import admm_update_stacked
+
+        opts = options | split(factor)
+        chosen = chosen_masks(Ws, H, pattern, layers, moments, opts)
+        factor = opts["admm_factor"]
+        return admm_update_stacked(
+            Ws, H, chosen, damp_frac=damp_frac, layers=layers, factor=factor, **options["admm"]
+        )
+
     solve.factorize = factorize  # layers of one input group share the factor (LayerwiseStrategy)
-    if update == "obs":  # ``update=none`` has no sweep to share: its layers are solved one by one
-        solve.stacked = stacked
+    if update in ("obs", "admm"):  # ``update=none`` has no sweep to share: its layers are solved one by one
+        solve.stacked = stacked if update == "obs" else stacked_admm
     return solve
 
 
@@ -172,6 +224,7 @@ __all__ = [
     "STRUCTURED_METHODS",
     "UPDATES",
     "CholeskyError",
+    "Factors",
     "Pattern",
     "SolveResult",
     "layer_solver",

@@ -63,7 +63,7 @@ def test_every_project_registry_resolves_every_entry():
         (REAL_IMAGES, {"digits_heldout"}),
         (PROMPT_JUDGES, {"digits_classifier"}),
         (MASK_METHODS, {"obs", "magnitude", "wanda", "dsnot"}),
-        (UPDATES, {"obs", "none"}),
+        (UPDATES, {"obs", "admm", "none"}),
         (STRUCTURED_METHODS, {"obs", "l1"}),
         (DSNOT_INITS, {"wanda", "magnitude"}),
     ]
