@@ -35,6 +35,7 @@ class RunSpec:
         damp_frac, block_size, num_packages: solver and loop settings.
         package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
         dsnot: DSnoT's options.
+        refine, swaps: the mask refinement (``none`` | ``swaps``) and SparseSwaps' options.
     """
 
     family: str
@@ -57,6 +58,8 @@ class RunSpec:
     num_packages: int
     package_bytes: int | None
     dsnot: dict[str, Any] = field(default_factory=dict)
+    refine: str = "none"
+    swaps: dict[str, Any] = field(default_factory=dict)
 
     @property
     def structured(self) -> bool:
@@ -161,5 +164,6 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         block_size=pr.block_size, num_packages=pr.num_packages,
         package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes",
                                                                          pr.package_bytes),
-        dsnot=OmegaConf.to_container(pr.dsnot, resolve=True),
+        dsnot=OmegaConf.to_container(pr.dsnot, resolve=True), refine=pr.refine,
+        swaps=OmegaConf.to_container(pr.swaps, resolve=True),
     )  # fmt: skip

@@ -1,9 +1,10 @@
 """Pruning methods, found by name: a mask choice and a weight update, both plain tensor math.
 
 Layer-wise (unstructured, N:M) a method is ``mask`` (which weights go: ``obs``, ``magnitude``,
-``wanda``, ``dsnot``) plus ``update`` (``obs``: the OBS compensation on that mask; ``none``: plain
-masking). ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice
-vs reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
+``wanda``, ``dsnot``), optionally ``refine`` (``swaps``: SparseSwaps' optimal 1-swaps on the
+mask-only error; ``none``), plus ``update`` (``obs``: the OBS compensation on that mask; ``none``:
+plain masking). ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask
+choice vs reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
 
 Importing this package does not import torch: config validation reads the registries' names.
 The solver modules load on first use; ``Pattern``, ``SolveResult``, ``obs_solve``,
@@ -75,6 +76,16 @@ def _dsnot_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
     return dsnot_solve(W, H, pattern, mean=mean, var=var, layer=layer, **options["dsnot"]).mask
 
 
+def _no_refine(W, H, pattern, mask, layer, options) -> torch.Tensor:
+    return mask
+
+
+def _swaps_refine(W, H, pattern, mask, layer, options) -> torch.Tensor:
+    from obsdiff.solvers.swaps import refine_swaps
+
+    return refine_swaps(W, H, mask, pattern, layer=layer, **options["swaps"])
+
+
 def _obs_update(W, H, pattern, mask, layer, options) -> SolveResult:
     from obsdiff.solvers.obs import obs_solve
 
@@ -92,6 +103,10 @@ def _no_update(W, H, pattern, mask, layer, options) -> SolveResult:
 MASK_METHODS: Registry[Callable[..., torch.Tensor]] = Registry(
     "mask method (pruner.mask)",
     {"obs": _obs_mask, "magnitude": _magnitude_mask, "wanda": _wanda_mask, "dsnot": _dsnot_mask},
+)
+# ``pruner.refine``: ``(W, H, pattern, mask, layer, options) -> mask``, between mask and update.
+REFINES: Registry[Callable[..., torch.Tensor]] = Registry(
+    "mask refinement (pruner.refine)", {"none": _no_refine, "swaps": _swaps_refine}
 )
 # ``pruner.update``: ``(W, H, pattern, mask, layer, options) -> SolveResult``.
 UPDATES: Registry[Callable[..., SolveResult]] = Registry(
@@ -116,6 +131,8 @@ def layer_solver(
     damp_frac: float = 0.01,
     block_size: int = 128,
     dsnot: dict[str, Any] | None = None,
+    refine: str = "none",
+    swaps: dict[str, Any] | None = None,
 ) -> Callable[..., SolveResult]:
     """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
 
@@ -130,16 +147,26 @@ def layer_solver(
         damp_frac: relative damping of every OBS solve.
         block_size: OBS lazy-update block.
         dsnot: DSnoT's options (``init``, ``max_cycles``, ``update_threshold``, …).
+        refine: one of ``REFINES``: ``"swaps"`` refines the chosen mask (``refine_swaps``) before
+            the update; ``"none"`` keeps it.
+        swaps: ``refine_swaps``' options (``max_iterations``, ``chunk_elements``).
     """
     choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
-    options = {"damp_frac": damp_frac, "block_size": block_size, "dsnot": dict(dsnot or {})}
+    refined = REFINES.get(refine)
+    options = {"damp_frac": damp_frac, "block_size": block_size, "dsnot": dict(dsnot or {}),
+               "swaps": dict(swaps or {})}  # fmt: skip
+
+    def pick(W, H, pattern, layer, moments, factor) -> torch.Tensor:
+        """The mask of ``pruner.mask``, refined by ``pruner.refine``."""
+        chosen = choose(W, H, pattern, layer, moments, options | {"factor": factor})
+        return refined(W, H, pattern, chosen, layer, options)
 
     def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None, factor=None) -> SolveResult:
-        if mask == "obs" and update == "obs":
+        if mask == "obs" and update == "obs" and refine == "none":
             from obsdiff.solvers.obs import obs_solve
 
             return obs_solve(W, H, pattern, damp_frac, block_size, layer, factor=factor)
-        chosen = choose(W, H, pattern, layer, moments, options | {"factor": factor})
+        chosen = pick(W, H, pattern, layer, moments, factor)
         return compensate(W, H, pattern, chosen, layer, options | {"factor": factor})
 
     def factorize(H, *, layer: str = ""):
@@ -155,9 +182,8 @@ def layer_solver(
         from obsdiff.solvers.obs import obs_solve_stacked
 
         chosen = None
-        if mask != "obs":  # the mask is chosen per layer, the OBS compensation runs stacked
-            chosen = [choose(W, H, pattern, name, moments, options | {"factor": factor})
-                      for W, name in zip(Ws, layers, strict=True)]  # fmt: skip
+        if mask != "obs" or refine != "none":  # masks per layer, the OBS compensation stacked
+            chosen = [pick(W, H, pattern, name, moments, factor) for W, name in zip(Ws, layers, strict=True)]
         return obs_solve_stacked(Ws, H, pattern, damp_frac, block_size, layers, masks=chosen, factor=factor)
 
     solve.factorize = factorize  # layers of one input group share the factor (LayerwiseStrategy)
@@ -169,6 +195,7 @@ def layer_solver(
 __all__ = [
     "DSNOT_INITS",
     "MASK_METHODS",
+    "REFINES",
     "STRUCTURED_METHODS",
     "UPDATES",
     "CholeskyError",
