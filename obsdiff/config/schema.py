@@ -92,6 +92,14 @@ class SparsityConfig:
 
 
 @dataclass
+class SwapsConfig:
+    """SparseSwaps' options (see ``obsdiff.solvers.swaps``); the paper's only knob is the cap."""
+
+    max_iterations: int = 100  # most 1-swaps per row (a row stops earlier once no swap helps)
+    chunk_elements: int = 67108864  # fp32 candidate changes held at once (2**26: 256 MiB)
+
+
+@dataclass
 class DsnotConfig:
     """DSnoT's options, reference defaults (see ``obsdiff.solvers.dsnot``)."""
 
@@ -105,19 +113,10 @@ class DsnotConfig:
 
 
 @dataclass
-class SwapsConfig:
-    """SparseSwaps' options (see ``obsdiff.solvers.swaps``); the paper's only knob is the cap."""
-
-    max_iterations: int = 100  # most 1-swaps per row (a row stops earlier once no swap helps)
-    chunk_elements: int = 67108864  # fp32 candidate changes held at once (2**26: 256 MiB)
-
-
-@dataclass
 class PrunerConfig:
     name: str = "obs_diff"  # the method's label in metrics and reports
     mask: str = "obs"  # which weights go: obs | magnitude | wanda | dsnot; structured: obs | l1
     update: str = "obs"  # obs: OBS compensation on that mask | none: plain masking
-    refine: str = "none"  # none | swaps: SparseSwaps 1-swaps on the mask before the update
     num_packages: int = 4
     package_bytes: Any = None  # a Hessian budget per package ("20GB", or bytes): overrides num_packages
     damp_frac: float = 0.01
@@ -125,9 +124,10 @@ class PrunerConfig:
     blocks: Any = None  # null = all blocks ([1, L-1) for structured); a list of indices; or "start:stop"
     compensate: bool = True  # false = update=none (the "no OBS update" ablation)
     dsnot: DsnotConfig = field(default_factory=DsnotConfig)
-    swaps: SwapsConfig = field(default_factory=SwapsConfig)
     targets: list[str] | None = None  # null = the model family's default targets
     hessian_cache: str | None = None  # a folder: reuse package 1's Hessians across runs (opt-in)
+    refine: str = "none"  # none | swaps: SparseSwaps' 1-swaps on the chosen mask, before the update
+    swaps: SwapsConfig = field(default_factory=SwapsConfig)
 
 
 # The metrics of conf/eval/tiny.yaml.

@@ -208,16 +208,16 @@ def check_pruner(cfg: DictConfig) -> None:
             "pruner.compensate", pr.compensate, "true (false is the structured ablation, sparsity=structured)"
         )
     check_blocks(pr.blocks)
-    if pr.targets is not None:
-        targets = list(pr.targets)
-        if not targets or len(set(targets)) < len(targets):
-            fail("pruner.targets", targets, "null (the family's default targets) or distinct target layers")
-    check_dsnot(pr.dsnot)
     one_of("pruner.refine", pr.refine, REFINES)
     if pr.refine != "none" and kind == "structured":
         fail("pruner.refine", pr.refine, "none with sparsity=structured")
     int_at_least("pruner.swaps.max_iterations", pr.swaps.max_iterations, 0)
     int_at_least("pruner.swaps.chunk_elements", pr.swaps.chunk_elements, 1)
+    if pr.targets is not None:
+        targets = list(pr.targets)
+        if not targets or len(set(targets)) < len(targets):
+            fail("pruner.targets", targets, "null (the family's default targets) or distinct target layers")
+    check_dsnot(pr.dsnot)
 
 
 def check_dsnot(ds: DictConfig) -> None:
