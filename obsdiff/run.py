@@ -323,7 +323,16 @@ def _strategy(
 ) -> LayerwiseStrategy | StructuredStrategy:
     if spec.structured:
         return StructuredStrategy(spec.mask, pattern, spec.blocks, spec.damp_frac, spec.update == "obs")
-    solver = layer_solver(spec.mask, spec.update, spec.damp_frac, spec.block_size, spec.dsnot, spec.admm)
+    solver = layer_solver(
+        spec.mask,
+        spec.update,
+        spec.damp_frac,
+        spec.block_size,
+        spec.dsnot,
+        spec.admm,
+        refine=spec.refine,
+        swaps=spec.swaps,
+    )
     patterns = None if allocation is None else allocation.patterns(pattern)
     return LayerwiseStrategy(solver, pattern, spec.targets, spec.blocks, patterns)
 

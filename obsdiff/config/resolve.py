@@ -34,6 +34,7 @@ class RunSpec:
         mask, update: the method (``update`` already folds ``pruner.compensate=false`` in).
         damp_frac, block_size, num_packages: solver and loop settings.
         package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
+        refine, swaps: the mask refinement (``none`` | ``swaps``) and SparseSwaps' options.
         dsnot: DSnoT's options.
         allocation, allocation_granularity, owl: the sparsity allocation (``obsdiff.allocation``).
         admm: the ADMM update's options.
@@ -58,6 +59,8 @@ class RunSpec:
     block_size: int
     num_packages: int
     package_bytes: int | None
+    refine: str = "none"
+    swaps: dict[str, Any] = field(default_factory=dict)
     dsnot: dict[str, Any] = field(default_factory=dict)
     allocation: str = "uniform"
     allocation_granularity: str = "block"
@@ -164,6 +167,7 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         ratio=sp.ratio, n=sp.n, m=sp.m, exact_count=sp.exact_count, head_ratio=head_ratio,
         ffn_ratio=ffn_ratio, blocks=blocks, targets=targets, widths=widths, mask=pr.mask,
         update=effective_update(pr), damp_frac=pr.damp_frac,
+        refine=pr.refine, swaps=OmegaConf.to_container(pr.swaps, resolve=True),
         block_size=pr.block_size, num_packages=pr.num_packages,
         package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes",
                                                                          pr.package_bytes),

@@ -105,6 +105,14 @@ class SparsityConfig:
 
 
 @dataclass
+class SwapsConfig:
+    """SparseSwaps' options (see ``obsdiff.solvers.swaps``); the paper's only knob is the cap."""
+
+    max_iterations: int = 100  # most 1-swaps per row (a row stops earlier once no swap helps)
+    chunk_elements: int = 67108864  # fp32 candidate changes held at once (2**26: 256 MiB)
+
+
+@dataclass
 class DsnotConfig:
     """DSnoT's options, reference defaults (see ``obsdiff.solvers.dsnot``)."""
 
@@ -143,6 +151,8 @@ class PrunerConfig:
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     targets: list[str] | None = None  # null = the model family's default targets
     hessian_cache: str | None = None  # a folder: reuse package 1's Hessians across runs (opt-in)
+    refine: str = "none"  # none | swaps: SparseSwaps' 1-swaps on the chosen mask, before the update
+    swaps: SwapsConfig = field(default_factory=SwapsConfig)
 
 
 # The metrics of conf/eval/tiny.yaml.

@@ -36,7 +36,7 @@ from obsdiff.config.fields import (
 from obsdiff.evaluation import FEATURE_NETS, PROMPT_JUDGES, REAL_IMAGES
 from obsdiff.evaluation.coco import protocol_error
 from obsdiff.evaluation.metrics.base import METRICS
-from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, STRUCTURED_METHODS, UPDATES
+from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, REFINES, STRUCTURED_METHODS, UPDATES
 
 # torch dtype names of ``model.torch_dtype`` (``obsdiff.models.base.DTYPES``; a test keeps them equal).
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
@@ -229,6 +229,11 @@ def check_pruner(cfg: DictConfig) -> None:
             "pruner.compensate", pr.compensate, "true (false is the structured ablation, sparsity=structured)"
         )
     check_blocks(pr.blocks)
+    one_of("pruner.refine", pr.refine, REFINES)
+    if pr.refine != "none" and kind == "structured":
+        fail("pruner.refine", pr.refine, "none with sparsity=structured")
+    int_at_least("pruner.swaps.max_iterations", pr.swaps.max_iterations, 0)
+    int_at_least("pruner.swaps.chunk_elements", pr.swaps.chunk_elements, 1)
     if pr.targets is not None:
         targets = list(pr.targets)
         if not targets or len(set(targets)) < len(targets):

@@ -1,8 +1,9 @@
 """Pruning methods, found by name: a mask choice and a weight update, both plain tensor math.
 
 Layer-wise (unstructured, N:M) a method is ``mask`` (which weights go: ``obs``, ``magnitude``,
-``wanda``, ``dsnot``) plus ``update`` (``obs``: the OBS compensation on that mask; ``admm``: the
-least-squares re-fit of the kept weights by ADMM, Boža 2024; ``none``: plain masking).
+``wanda``, ``dsnot``), optionally ``refine`` (``swaps``: SparseSwaps' optimal 1-swaps on the
+mask-only error; ``none``), plus ``update`` (``obs``: the OBS compensation on that mask; ``admm``:
+the least-squares re-fit of the kept weights by ADMM, Boža 2024; ``none``: plain masking).
 ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice vs
 reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
 
@@ -77,6 +78,16 @@ def _dsnot_mask(W, H, pattern, layer, moments, options) -> torch.Tensor:
     return dsnot_solve(W, H, pattern, mean=mean, var=var, layer=layer, **options["dsnot"]).mask
 
 
+def _no_refine(W, H, pattern, mask, layer, options) -> torch.Tensor:
+    return mask
+
+
+def _swaps_refine(W, H, pattern, mask, layer, options) -> torch.Tensor:
+    from obsdiff.solvers.swaps import refine_swaps
+
+    return refine_swaps(W, H, mask, pattern, layer=layer, **options["swaps"])
+
+
 def _obs_update(W, H, pattern, mask, layer, options) -> SolveResult:
     from obsdiff.solvers.obs import obs_solve
 
@@ -103,6 +114,10 @@ def _no_update(W, H, pattern, mask, layer, options) -> SolveResult:
 MASK_METHODS: Registry[Callable[..., torch.Tensor]] = Registry(
     "mask method (pruner.mask)",
     {"obs": _obs_mask, "magnitude": _magnitude_mask, "wanda": _wanda_mask, "dsnot": _dsnot_mask},
+)
+# ``pruner.refine``: ``(W, H, pattern, mask, layer, options) -> mask``, between mask and update.
+REFINES: Registry[Callable[..., torch.Tensor]] = Registry(
+    "mask refinement (pruner.refine)", {"none": _no_refine, "swaps": _swaps_refine}
 )
 # ``pruner.update``: ``(W, H, pattern, mask, layer, options) -> SolveResult``.
 UPDATES: Registry[Callable[..., SolveResult]] = Registry(
@@ -136,6 +151,8 @@ def layer_solver(
     block_size: int = 128,
     dsnot: dict[str, Any] | None = None,
     admm: dict[str, Any] | None = None,
+    refine: str = "none",
+    swaps: dict[str, Any] | None = None,
 ) -> Callable[..., SolveResult]:
     """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
 
@@ -155,10 +172,14 @@ def layer_solver(
         dsnot: DSnoT's options (``init``, ``max_cycles``, ``update_threshold``, …).
         admm: the ADMM update's options (``rho``, ``iterations``, ``growth``, ``rho_factor``,
             ``rho_every``; see ``obsdiff.solvers.admm.admm_update``).
+        refine: one of ``REFINES``: ``"swaps"`` refines the chosen mask (``refine_swaps``) before
+            the update; ``"none"`` keeps it.
+        swaps: ``refine_swaps``' options (``max_iterations``, ``chunk_elements``).
     """
     choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
+    refined = REFINES.get(refine)
     options = {"damp_frac": damp_frac, "block_size": block_size}
-    options |= {"dsnot": dict(dsnot or {}), "admm": dict(admm or {})}
+    options |= {"dsnot": dict(dsnot or {}), "admm": dict(admm or {}), "swaps": dict(swaps or {})}
 
     def split(factor) -> dict[str, Any]:
         """The options' factors: ``factor`` is the OBS one, or :class:`Factors` with the ADMM update."""
@@ -167,13 +188,18 @@ def layer_solver(
         factor = factor or Factors(None, None)
         return {"factor": factor.obs, "admm_factor": factor.admm}
 
+    def pick(W, H, pattern, layer, moments, opts) -> torch.Tensor:
+        """The mask of ``pruner.mask``, refined by ``pruner.refine``."""
+        chosen = choose(W, H, pattern, layer, moments, opts)
+        return refined(W, H, pattern, chosen, layer, opts)
+
     def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None, factor=None) -> SolveResult:
-        if mask == "obs" and update == "obs":
+        if mask == "obs" and update == "obs" and refine == "none":
             from obsdiff.solvers.obs import obs_solve
 
             return obs_solve(W, H, pattern, damp_frac, block_size, layer, factor=factor)
         opts = options | split(factor)
-        chosen = choose(W, H, pattern, layer, moments, opts)
+        chosen = pick(W, H, pattern, layer, moments, opts)
         return compensate(W, H, pattern, chosen, layer, opts)
 
     def factorize(H, *, layer: str = ""):
@@ -190,14 +216,14 @@ def layer_solver(
         return Factors(obs, admm_factorize_for(H, damp_frac, layer, **options["admm"]))
 
     def chosen_masks(Ws, H, pattern, layers, moments, opts):
-        return [choose(W, H, pattern, name, moments, opts) for W, name in zip(Ws, layers, strict=True)]
+        return [pick(W, H, pattern, name, moments, opts) for W, name in zip(Ws, layers, strict=True)]
 
     def stacked(Ws, H, pattern, *, layers: list[str], moments: Moments | None = None, factor=None):
         """Layers of one input group in one row-stacked OBS sweep: bit for bit their separate solves."""
         from obsdiff.solvers.obs import obs_solve_stacked
 
         chosen = None
-        if mask != "obs":  # the mask is chosen per layer, the OBS compensation runs stacked
+        if mask != "obs" or refine != "none":  # masks per layer, the OBS compensation stacked
             chosen = chosen_masks(Ws, H, pattern, layers, moments, options | {"factor": factor})
         return obs_solve_stacked(Ws, H, pattern, damp_frac, block_size, layers, masks=chosen, factor=factor)
 
@@ -221,6 +247,7 @@ def layer_solver(
 __all__ = [
     "DSNOT_INITS",
     "MASK_METHODS",
+    "REFINES",
     "STRUCTURED_METHODS",
     "UPDATES",
     "CholeskyError",
