@@ -312,7 +312,8 @@ def _hessian_cache(cfg: DictConfig, adapter: ModelAdapter) -> HessianCache | Non
 def _strategy(spec: RunSpec, pattern: Any) -> LayerwiseStrategy | StructuredStrategy:
     if spec.structured:
         return StructuredStrategy(spec.mask, pattern, spec.blocks, spec.damp_frac, spec.update == "obs")
-    solver = layer_solver(spec.mask, spec.update, spec.damp_frac, spec.block_size, spec.dsnot)
+    solver = layer_solver(spec.mask, spec.update, spec.damp_frac, spec.block_size, spec.dsnot,
+                          order=spec.order, rose_threshold=spec.rose_threshold)  # fmt: skip
     return LayerwiseStrategy(solver, pattern, spec.targets, spec.blocks)
 
 

@@ -35,6 +35,8 @@ class RunSpec:
         damp_frac, block_size, num_packages: solver and loop settings.
         package_bytes: the Hessian budget per package in bytes (``None``: ``num_packages``).
         dsnot: DSnoT's options.
+        order, rose_threshold: the OBS sweep's column order (``natural`` | ``rose``) and ROSE's
+            columnar-layer cut.
     """
 
     family: str
@@ -57,6 +59,8 @@ class RunSpec:
     num_packages: int
     package_bytes: int | None
     dsnot: dict[str, Any] = field(default_factory=dict)
+    order: str = "natural"
+    rose_threshold: float = 0.5
 
     @property
     def structured(self) -> bool:
@@ -162,4 +166,5 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         package_bytes=None if pr.package_bytes is None else parse_bytes("pruner.package_bytes",
                                                                          pr.package_bytes),
         dsnot=OmegaConf.to_container(pr.dsnot, resolve=True),
+        order=pr.order, rose_threshold=pr.rose_threshold,
     )  # fmt: skip

@@ -4,6 +4,8 @@ Layer-wise (unstructured, N:M) a method is ``mask`` (which weights go: ``obs``, 
 ``wanda``, ``dsnot``) plus ``update`` (``obs``: the OBS compensation on that mask; ``none``: plain
 masking). ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice
 vs reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
+``order`` is the column order of the OBS sweep: ``natural`` (left to right) or ``rose`` (ROSE:
+costly columns first on columnar layers, ``obsdiff.solvers.rose``).
 
 Importing this package does not import torch: config validation reads the registries' names.
 The solver modules load on first use; ``Pattern``, ``SolveResult``, ``obs_solve``,
@@ -103,6 +105,12 @@ STRUCTURED_METHODS: Registry[type] = Registry(
     "structured method (pruner.mask, sparsity=structured)",
     {"obs": "obsdiff.pruners.structured:ObsMethod", "l1": "obsdiff.pruners.structured:L1Method"},
 )
+# ``pruner.order``: ``(solve, block_size, threshold) -> solve``, the natural-order method run in
+# that column order (``rose``: permute W, H and moments, sweep, put the result back).
+ORDERS: Registry[Callable[..., Callable[..., SolveResult]]] = Registry(
+    "column order (pruner.order)",
+    {"natural": lambda solve, block_size, threshold: solve, "rose": "obsdiff.solvers.rose:rose_solver"},
+)
 # ``pruner.dsnot.init``: the start mask DSnoT refines (``obsdiff.solvers.dsnot`` dispatches).
 DSNOT_INITS: Registry[Callable[..., torch.Tensor]] = Registry(
     "DSnoT init (pruner.dsnot.init)",
@@ -116,6 +124,8 @@ def layer_solver(
     damp_frac: float = 0.01,
     block_size: int = 128,
     dsnot: dict[str, Any] | None = None,
+    order: str = "natural",
+    rose_threshold: float = 0.5,
 ) -> Callable[..., SolveResult]:
     """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
 
@@ -130,8 +140,11 @@ def layer_solver(
         damp_frac: relative damping of every OBS solve.
         block_size: OBS lazy-update block.
         dsnot: DSnoT's options (``init``, ``max_cycles``, ``update_threshold``, …).
+        order: one of ``ORDERS``: the OBS sweep's column order.
+        rose_threshold: ``order=rose``: the columnar-layer cut on the relative range of block loss.
     """
     choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
+    in_order = ORDERS.get(order)
     options = {"damp_frac": damp_frac, "block_size": block_size, "dsnot": dict(dsnot or {})}
 
     def solve(W, H, pattern, *, layer: str = "", moments: Moments | None = None, factor=None) -> SolveResult:
@@ -163,12 +176,13 @@ def layer_solver(
     solve.factorize = factorize  # layers of one input group share the factor (LayerwiseStrategy)
     if update == "obs":  # ``update=none`` has no sweep to share: its layers are solved one by one
         solve.stacked = stacked
-    return solve
+    return in_order(solve, block_size, rose_threshold)
 
 
 __all__ = [
     "DSNOT_INITS",
     "MASK_METHODS",
+    "ORDERS",
     "STRUCTURED_METHODS",
     "UPDATES",
     "CholeskyError",
