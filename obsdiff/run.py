@@ -332,6 +332,8 @@ def _strategy(
         spec.admm,
         refine=spec.refine,
         swaps=spec.swaps,
+        order=spec.order,
+        rose_threshold=spec.rose_threshold,
     )
     patterns = None if allocation is None else allocation.patterns(pattern)
     return LayerwiseStrategy(solver, pattern, spec.targets, spec.blocks, patterns)

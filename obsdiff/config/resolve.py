@@ -38,6 +38,8 @@ class RunSpec:
         dsnot: DSnoT's options.
         allocation, allocation_granularity, owl: the sparsity allocation (``obsdiff.allocation``).
         admm: the ADMM update's options.
+        order, rose_threshold: the OBS sweep's column order (``natural`` | ``rose``) and ROSE's
+            columnar-layer cut.
     """
 
     family: str
@@ -66,6 +68,8 @@ class RunSpec:
     allocation_granularity: str = "block"
     owl: dict[str, Any] = field(default_factory=dict)
     admm: dict[str, Any] = field(default_factory=dict)
+    order: str = "natural"
+    rose_threshold: float = 0.5
 
     @property
     def structured(self) -> bool:
@@ -176,4 +180,5 @@ def _resolve(cfg: DictConfig) -> RunSpec:
         allocation_granularity=sp.get("allocation_granularity", "block"),
         owl=OmegaConf.to_container(sp.owl, resolve=True) if "owl" in sp else {},
         admm=OmegaConf.to_container(pr.admm, resolve=True),
+        order=pr.order, rose_threshold=pr.rose_threshold,
     )  # fmt: skip

@@ -145,6 +145,10 @@ class PrunerConfig:
     package_bytes: Any = None  # a Hessian budget per package ("20GB", or bytes): overrides num_packages
     damp_frac: float = 0.01
     block_size: int = 128
+    # column order of the OBS sweep: natural (left to right) | rose (ROSE, Su & Wang 2026: on
+    # "columnar" layers, columns by would-be-pruned loss within each block, blocks by block loss)
+    order: str = "natural"
+    rose_threshold: float = 0.5  # order=rose: columnar when (max-min)/max of block loss exceeds it
     blocks: Any = None  # null = all blocks ([1, L-1) for structured); a list of indices; or "start:stop"
     compensate: bool = True  # false = update=none (the "no OBS update" ablation)
     dsnot: DsnotConfig = field(default_factory=DsnotConfig)

@@ -36,7 +36,7 @@ from obsdiff.config.fields import (
 from obsdiff.evaluation import FEATURE_NETS, PROMPT_JUDGES, REAL_IMAGES
 from obsdiff.evaluation.coco import protocol_error
 from obsdiff.evaluation.metrics.base import METRICS
-from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, REFINES, STRUCTURED_METHODS, UPDATES
+from obsdiff.solvers import DSNOT_INITS, MASK_METHODS, ORDERS, REFINES, STRUCTURED_METHODS, UPDATES
 
 # torch dtype names of ``model.torch_dtype`` (``obsdiff.models.base.DTYPES``; a test keeps them equal).
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
@@ -224,6 +224,7 @@ def check_pruner(cfg: DictConfig) -> None:
     if not (finite(pr.damp_frac) and pr.damp_frac > 0):
         fail("pruner.damp_frac", pr.damp_frac, "a finite number > 0 (0.01 in the paper)")
     int_at_least("pruner.block_size", pr.block_size, 1)
+    check_order(pr, kind)
     if not pr.compensate and kind != "structured":
         fail(
             "pruner.compensate", pr.compensate, "true (false is the structured ablation, sparsity=structured)"
@@ -251,6 +252,16 @@ def check_admm(ad: DictConfig) -> None:
         int_at_least(f"pruner.admm.{key}", ad[key], 0)
     if ad.growth > ad.iterations:
         fail("pruner.admm.growth", ad.growth, f"at most pruner.admm.iterations ({ad.iterations})")
+
+
+def check_order(pr: DictConfig, kind: str) -> None:
+    """``pruner.order``: a registered order; a non-natural one needs a layer-wise OBS sweep to order."""
+    one_of("pruner.order", pr.order, ORDERS)
+    if not (finite(pr.rose_threshold) and 0 <= pr.rose_threshold < 1):
+        fail("pruner.rose_threshold", pr.rose_threshold, "a number in [0, 1) (0.5 in the ROSE code)")
+    if pr.order != "natural" and (kind == "structured" or "obs" not in (pr.mask, pr["update"])):
+        fail("pruner.order", pr.order, "natural for methods without a layer-wise OBS sweep "
+             "(sparsity=structured, or neither pruner.mask nor pruner.update is obs)")  # fmt: skip
 
 
 def check_dsnot(ds: DictConfig) -> None:

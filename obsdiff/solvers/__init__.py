@@ -6,6 +6,8 @@ mask-only error; ``none``), plus ``update`` (``obs``: the OBS compensation on th
 the least-squares re-fit of the kept weights by ADMM, Boža 2024; ``none``: plain masking).
 ``mask=obs, update=obs`` is the OBS solver itself; any other pair is the "mask choice vs
 reconstruction" ablation. Structured methods choose heads / neurons (``obs``, ``l1``).
+``order`` is the column order of the OBS sweep: ``natural`` (left to right) or ``rose`` (ROSE:
+costly columns first on columnar layers, ``obsdiff.solvers.rose``).
 
 Importing this package does not import torch: config validation reads the registries' names.
 The solver modules load on first use; ``Pattern``, ``SolveResult``, ``obs_solve``,
@@ -129,6 +131,12 @@ STRUCTURED_METHODS: Registry[type] = Registry(
     "structured method (pruner.mask, sparsity=structured)",
     {"obs": "obsdiff.pruners.structured:ObsMethod", "l1": "obsdiff.pruners.structured:L1Method"},
 )
+# ``pruner.order``: ``(solve, block_size, threshold) -> solve``, the natural-order method run in
+# that column order (``rose``: permute W, H and moments, sweep, put the result back).
+ORDERS: Registry[Callable[..., Callable[..., SolveResult]]] = Registry(
+    "column order (pruner.order)",
+    {"natural": lambda solve, block_size, threshold: solve, "rose": "obsdiff.solvers.rose:rose_solver"},
+)
 # ``pruner.dsnot.init``: the start mask DSnoT refines (``obsdiff.solvers.dsnot`` dispatches).
 DSNOT_INITS: Registry[Callable[..., torch.Tensor]] = Registry(
     "DSnoT init (pruner.dsnot.init)",
@@ -153,6 +161,8 @@ def layer_solver(
     admm: dict[str, Any] | None = None,
     refine: str = "none",
     swaps: dict[str, Any] | None = None,
+    order: str = "natural",
+    rose_threshold: float = 0.5,
 ) -> Callable[..., SolveResult]:
     """``(W, H, pattern, *, layer, moments, factor) -> SolveResult`` for a mask method and an update.
 
@@ -175,9 +185,11 @@ def layer_solver(
         refine: one of ``REFINES``: ``"swaps"`` refines the chosen mask (``refine_swaps``) before
             the update; ``"none"`` keeps it.
         swaps: ``refine_swaps``' options (``max_iterations``, ``chunk_elements``).
+        order: one of ``ORDERS``: the OBS sweep's column order.
+        rose_threshold: ``order=rose``: the columnar-layer cut on the relative range of block loss.
     """
     choose, compensate = MASK_METHODS.get(mask), UPDATES.get(update)  # loud on unknown names
-    refined = REFINES.get(refine)
+    refined, in_order = REFINES.get(refine), ORDERS.get(order)
     options = {"damp_frac": damp_frac, "block_size": block_size}
     options |= {"dsnot": dict(dsnot or {}), "admm": dict(admm or {}), "swaps": dict(swaps or {})}
 
@@ -241,12 +253,13 @@ def layer_solver(
     solve.factorize = factorize  # layers of one input group share the factor (LayerwiseStrategy)
     if update in ("obs", "admm"):  # ``update=none`` has no sweep to share: its layers are solved one by one
         solve.stacked = stacked if update == "obs" else stacked_admm
-    return solve
+    return in_order(solve, block_size, rose_threshold)
 
 
 __all__ = [
     "DSNOT_INITS",
     "MASK_METHODS",
+    "ORDERS",
     "REFINES",
     "STRUCTURED_METHODS",
     "UPDATES",
