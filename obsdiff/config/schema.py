@@ -183,6 +183,10 @@ class EvalConfig(PromptsConfig):
     prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
     pickscore_model: str | None = "yuvalkirstain/PickScore_v1"  # eval.metrics [..., pickscore]
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore_v1 ships none
+    # eval.metrics [..., hpsv2, hpsv21]: a .pt / .safetensors file or <owner>/<repo>/<file> on the hub
+    hpsv2_model: str | None = "xswu/HPSv2/HPS_v2_compressed.pt"
+    hpsv21_model: str | None = "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    hps_tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the CLIP BPE both were tuned with
     # obsdiff.evaluation.metrics.base.METRICS names; one whose input is null above is left out
     metrics: list[str] = field(default_factory=lambda: list(TINY_METRICS))
     bootstrap: int = 200  # resamples of the prompts for every metric's 95 % interval; 0 = none

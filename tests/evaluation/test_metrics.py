@@ -30,6 +30,8 @@ TESTED = {
     "ssim_dense": "test_ssim_and_psnr_of_identical_images_are_1_and_the_cap",
     "psnr_dense": "test_ssim_and_psnr_of_identical_images_are_1_and_the_cap",
     "pickscore": "tests/evaluation/test_pickscore.py::test_the_pickscore_metric_scores_through_the_registry",
+    "hpsv2": "tests/evaluation/test_hpsv2.py::test_the_hps_metrics_score_through_the_registry",
+    "hpsv21": "tests/evaluation/test_hpsv2.py::test_the_hps_metrics_score_through_the_registry",
 }
 
 

@@ -110,5 +110,7 @@ METRICS: Registry = Registry(
         "ssim_dense": "obsdiff.evaluation.metrics.ssim_dense:SsimDense",
         "psnr_dense": "obsdiff.evaluation.metrics.psnr_dense:PsnrDense",
         "pickscore": "obsdiff.evaluation.metrics.pickscore:PickScore",
+        "hpsv2": "obsdiff.evaluation.metrics.hpsv2:HpsV2",
+        "hpsv21": "obsdiff.evaluation.metrics.hpsv2:HpsV21",
     },
 )
