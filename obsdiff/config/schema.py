@@ -144,6 +144,9 @@ class EvalConfig(PromptsConfig):
     prompt_judge: str | None = None  # digits_classifier: prompt accuracy (tiny model)
     pickscore_model: str | None = "yuvalkirstain/PickScore_v1"  # eval.metrics [..., pickscore]
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore_v1 ships none
+    # ImageReward v1.0: ImageReward.pt, a folder holding it, or the hub repo; eval.metrics [..., imagereward]
+    imagereward_model: str | None = "THUDM/ImageReward"
+    imagereward_tokenizer: str = "bert-base-uncased"  # BLIP's BERT tokenizer (its two tokens are added)
     # obsdiff.evaluation.metrics.base.METRICS names; one whose input is null above is left out
     metrics: list[str] = field(default_factory=lambda: list(TINY_METRICS))
     bootstrap: int = 200  # resamples of the prompts for every metric's 95 % interval; 0 = none

@@ -30,6 +30,10 @@ TESTED = {
     "ssim_dense": "test_ssim_and_psnr_of_identical_images_are_1_and_the_cap",
     "psnr_dense": "test_ssim_and_psnr_of_identical_images_are_1_and_the_cap",
     "pickscore": "tests/evaluation/test_pickscore.py::test_the_pickscore_metric_scores_through_the_registry",
+    "imagereward": (
+        "tests/evaluation/test_imagereward.py::"
+        "test_the_imagereward_metric_scores_through_the_registry_and_the_scorer"
+    ),
 }
 
 

@@ -110,5 +110,6 @@ METRICS: Registry = Registry(
         "ssim_dense": "obsdiff.evaluation.metrics.ssim_dense:SsimDense",
         "psnr_dense": "obsdiff.evaluation.metrics.psnr_dense:PsnrDense",
         "pickscore": "obsdiff.evaluation.metrics.pickscore:PickScore",
+        "imagereward": "obsdiff.evaluation.metrics.imagereward:ImageReward",
     },
 )
