@@ -187,6 +187,9 @@ class EvalConfig(PromptsConfig):
     hpsv2_model: str | None = "xswu/HPSv2/HPS_v2_compressed.pt"
     hpsv21_model: str | None = "xswu/HPSv2/HPS_v2.1_compressed.pt"
     hps_tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the CLIP BPE both were tuned with
+    # ImageReward v1.0: ImageReward.pt, a folder holding it, or the hub repo; eval.metrics [..., imagereward]
+    imagereward_model: str | None = "THUDM/ImageReward"
+    imagereward_tokenizer: str = "bert-base-uncased"  # BLIP's BERT tokenizer (its two tokens are added)
     # obsdiff.evaluation.metrics.base.METRICS names; one whose input is null above is left out
     metrics: list[str] = field(default_factory=lambda: list(TINY_METRICS))
     bootstrap: int = 200  # resamples of the prompts for every metric's 95 % interval; 0 = none

@@ -32,6 +32,10 @@ TESTED = {
     "pickscore": "tests/evaluation/test_pickscore.py::test_the_pickscore_metric_scores_through_the_registry",
     "hpsv2": "tests/evaluation/test_hpsv2.py::test_the_hps_metrics_score_through_the_registry",
     "hpsv21": "tests/evaluation/test_hpsv2.py::test_the_hps_metrics_score_through_the_registry",
+    "imagereward": (
+        "tests/evaluation/test_imagereward.py::"
+        "test_the_imagereward_metric_scores_through_the_registry_and_the_scorer"
+    ),
 }
 
 

@@ -112,5 +112,6 @@ METRICS: Registry = Registry(
         "pickscore": "obsdiff.evaluation.metrics.pickscore:PickScore",
         "hpsv2": "obsdiff.evaluation.metrics.hpsv2:HpsV2",
         "hpsv21": "obsdiff.evaluation.metrics.hpsv2:HpsV21",
+        "imagereward": "obsdiff.evaluation.metrics.imagereward:ImageReward",
     },
 )
