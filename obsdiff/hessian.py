@@ -12,6 +12,12 @@ import math
 import torch
 
 
+def tokens(x: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, int]:
+    """A layer input (batch, ..., cols) as fp32 token rows ``X`` (B·L, cols) on ``device``, and B."""
+    batch = x.shape[0] if x.dim() > 1 else 1
+    return x.detach().reshape(-1, x.shape[-1]).to(device, torch.float32), batch
+
+
 class HessianAccumulator:
     """Running, weighted ``2 X Xᵀ`` for one layer input (shared by layers with identical inputs).
 
@@ -34,8 +40,7 @@ class HessianAccumulator:
             x: (batch, ..., cols) layer input; every token is a column of ``X``.
             alpha: the timestep weight ``α_i`` of the current denoising step.
         """
-        batch = x.shape[0] if x.dim() > 1 else 1
-        X = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (B*L, cols)
+        X, batch = tokens(x, self.H.device)
         w = alpha * batch
         self.H *= self.weight_sum / (self.weight_sum + w)
         self.col_sum *= self.weight_sum / (self.weight_sum + w)
@@ -101,8 +106,7 @@ class DiagonalAccumulator:
             x: (batch, ..., cols) layer input; every token is a column of ``X``.
             alpha: the timestep weight ``α_i`` of the current denoising step.
         """
-        batch = x.shape[0] if x.dim() > 1 else 1
-        X = x.detach().reshape(-1, x.shape[-1]).to(self.diag.device, torch.float32)  # (B*L, cols)
+        X, batch = tokens(x, self.diag.device)
         w = alpha * batch
         self.diag *= self.weight_sum / (self.weight_sum + w)
         self.weight_sum += w

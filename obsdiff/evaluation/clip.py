@@ -133,6 +133,16 @@ def tiny_clip(
     return TensorCLIP(model), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def check_pairs(images: Tensor, prompts: list[str], scorer: str) -> None:
+    """Raise ``ValueError`` unless ``images`` is a float (N, 3, H, W) batch with one prompt each."""
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"{scorer} images must be float (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    if images.shape[0] != len(prompts) or not prompts:
+        raise ValueError(
+            f"Need one prompt per image, got {images.shape[0]} images and {len(prompts)} prompts"
+        )
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """Converts float [0, 1] images to uint8 [0, 255] (rounded), as torchmetrics' CLIPScore expects.
 
@@ -162,12 +172,7 @@ def clip_scores(
     Raises:
         ValueError: When the batch is malformed or the counts differ.
     """
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"CLIP score images must be float (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-    if images.shape[0] != len(prompts) or not prompts:
-        raise ValueError(
-            f"Need one prompt per image, got {images.shape[0]} images and {len(prompts)} prompts"
-        )
+    check_pairs(images, prompts, "CLIP score")
     metric = CLIPScore(model_name_or_path=model_and_processor)
     scores = []
     for start in range(0, len(prompts), batch_size):

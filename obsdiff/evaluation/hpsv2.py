@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from obsdiff.evaluation.clip import TensorCLIP, to_uint8
+from obsdiff.evaluation.clip import TensorCLIP, check_pairs, to_uint8
 
 HPS_REPO = "xswu/HPSv2"
 HPSV2_FILE = f"{HPS_REPO}/HPS_v2_compressed.pt"
@@ -313,12 +313,7 @@ def hps_score(
     Raises:
         ValueError: When the batch is malformed, the counts differ or the tokenizer does not fit.
     """
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"HPS images must be float (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-    if images.shape[0] != len(prompts) or not prompts:
-        raise ValueError(
-            f"Need one prompt per image, got {images.shape[0]} images and {len(prompts)} prompts"
-        )
+    check_pairs(images, prompts, "HPS")
     _check_tokenizer(model, tokenizer)
     parameter = next(model.parameters())
     device = parameter.device

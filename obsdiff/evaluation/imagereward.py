@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from obsdiff.evaluation.clip import to_uint8
+from obsdiff.evaluation.clip import check_pairs, to_uint8
 
 IMAGEREWARD_MODEL = "THUDM/ImageReward"  # hub repo of ImageReward v1.0
 IMAGEREWARD_FILE = "ImageReward.pt"  # its state dict
@@ -319,14 +319,7 @@ def imagereward(
     Raises:
         ValueError: When the batch is malformed or the counts differ.
     """
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(
-            f"ImageReward images must be float (N, 3, H, W) in [0, 1], got {tuple(images.shape)}"
-        )
-    if images.shape[0] != len(prompts) or not prompts:
-        raise ValueError(
-            f"Need one prompt per image, got {images.shape[0]} images and {len(prompts)} prompts"
-        )
+    check_pairs(images, prompts, "ImageReward")
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(prompts), batch_size):

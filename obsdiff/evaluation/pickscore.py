@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPModel, CLIPProcessor
 
-from obsdiff.evaluation.clip import TensorCLIP, to_uint8
+from obsdiff.evaluation.clip import TensorCLIP, check_pairs, to_uint8
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 # PickScore_v1 ships no processor: the authors use the one of the CLIP-H it was fine-tuned from.
@@ -52,12 +52,7 @@ def pickscore(
     Raises:
         ValueError: When the batch is malformed or the counts differ.
     """
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"PickScore images must be float (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-    if images.shape[0] != len(prompts) or not prompts:
-        raise ValueError(
-            f"Need one prompt per image, got {images.shape[0]} images and {len(prompts)} prompts"
-        )
+    check_pairs(images, prompts, "PickScore")
     device = next(model.parameters()).device
     max_length = model.config.text_config.max_position_embeddings
     scores = []
