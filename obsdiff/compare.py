@@ -26,6 +26,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dsnot": ("u30", "u50", "u60", "u70", "2of4"),
     "obs_diff": ("u30", "u50", "u60", "u70", "2of4", "s20", "s30"),
     "obs_admm": ("u30", "u50", "u60", "u70", "2of4"),  # OBS mask, ADMM re-fit (experiments/tiny_quality)
+    "obs_swaps_admm": ("u30", "u50", "u60", "u70", "2of4"),  # OBS mask, 1-swaps, ADMM re-fit (idem)
     "l1_norm": ("s20", "s30"),
 }
 

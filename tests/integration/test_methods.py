@@ -37,7 +37,7 @@ CELLS = "magnitude-2of4,wanda-u30,sparsegpt-u60,dsnot-2of4,obs_diff-u50,obs_diff
 
 
 def test_every_cell_of_the_grid_composes_and_validates(compose_cfg):
-    assert len(cells()) == 34
+    assert len(cells()) == 39
     for name in cells():
         cfg = compose_cfg(f"+compare={name}", "logger=none")
         validate(cfg)

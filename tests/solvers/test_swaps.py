@@ -256,3 +256,21 @@ def test_config_defaults_leave_refinement_off(compose_cfg):
     assert cfg.pruner.refine == "none" and cfg.pruner.swaps.max_iterations == 100
     paper = compose_cfg("pruner=sparseswaps")
     assert (paper.pruner.mask, paper.pruner.refine, paper.pruner["update"]) == ("wanda", "swaps", "none")
+
+
+def test_the_obs_swaps_admm_preset_refines_the_obs_mask_then_refits_by_admm(compose_cfg):
+    from obsdiff.config import validate
+    from obsdiff.config.resolve import resolve
+    from obsdiff.run import _strategy
+    from obsdiff.solvers.admm import admm_update
+
+    cfg = compose_cfg("pruner=obs_swaps_admm", "pruner.swaps.max_iterations=4", "logger=none")
+    validate(cfg)
+    spec = resolve(cfg)
+    assert (spec.mask, spec.refine, spec.update) == ("obs", "swaps", "admm")
+    W, H, _ = correlated(8, 32, seed=21)
+    refined = refine_swaps(W, H, obs_solve(W, H, HALF).mask, HALF, max_iterations=4)
+    expected = admm_update(W, H, refined, iterations=20)
+    got = _strategy(spec, HALF).solver(W, H, HALF)
+    assert torch.equal(got.mask, refined)
+    torch.testing.assert_close(got.weight, expected.weight)
