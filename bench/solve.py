@@ -131,30 +131,36 @@ def bench_shape(name: str, repeats: int, device: torch.device, pattern: Pattern,
     return row | {"reference_max_abs_diff": ref_diff}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"names ({', '.join(SHAPES)})")
+def solver_parser(doc: str, shapes: dict, out: str) -> argparse.ArgumentParser:
+    """The options every per-layer solver benchmark takes (this script and ``update.py``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(shapes), help=f"names ({', '.join(shapes)})")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=int, default=1, help="divide every row and column count by this")
     parser.add_argument("--quick", action="store_true", help="CPU smoke: --scale 4 --repeats 3")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pattern", default="0.5", help="unstructured ratio or N:M (2:4)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("solve.jsonl"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name(out))
+    return parser
+
+
+def solver_setup(args: argparse.Namespace) -> tuple[torch.device, Pattern]:
+    """Apply ``--quick`` and ``--threads``; fp32 matmuls; the device and the sparsity pattern."""
     if args.quick:
         args.scale, args.repeats = 4, 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 solves, as the reference
     if ":" in args.pattern:
         n, m = map(int, args.pattern.split(":"))
-        pattern = Pattern("nm", n=n, m=m)
-    else:
-        pattern = Pattern("unstructured", ratio=float(args.pattern))
+        return torch.device(args.device), Pattern("nm", n=n, m=m)
+    return torch.device(args.device), Pattern("unstructured", ratio=float(args.pattern))
+
+
+def main() -> None:
+    args = solver_parser(__doc__, SHAPES, "solve.jsonl").parse_args()
+    device, pattern = solver_setup(args)
     secs_head = " ".join(f"{k:>7}" for k in ("ref s", "sep s", "stack s"))
     print(f"{'shape':<16} {'rows':>22} {'cols':>6} {secs_head}  sep/stack  ref/stack (min/median)")
     for name in args.shapes:

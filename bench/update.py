@@ -22,15 +22,13 @@ printed too (the same number whatever the machine).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from solve import SHAPES as REAL_SHAPES  # the real models' input groups (bench/solve.py)
-from solve import timed
+from solve import solver_parser, solver_setup, timed
 
 from obsdiff.evaluation.speed import device_name
 from obsdiff.solvers import layer_solver
@@ -84,34 +82,14 @@ def bench_shape(name: str, options: list[str], repeats: int, device, pattern: Pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"names ({', '.join(SHAPES)})")
+    parser = solver_parser(__doc__, SHAPES, "update.jsonl")
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), help=f"({', '.join(OPTIONS)})")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--scale", type=int, default=1, help="divide every row and column count by this")
-    parser.add_argument("--quick", action="store_true", help="CPU smoke: --scale 4 --repeats 3")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pattern", default="0.5", help="unstructured ratio or N:M (2:4)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("update.jsonl"))
     args = parser.parse_args()
-    if args.quick:
-        args.scale, args.repeats = 4, 3
     unknown = sorted(set(args.options) - set(OPTIONS)) + sorted(set(args.shapes) - set(SHAPES))
     if unknown:
         parser.error(f"unknown option or shape: {', '.join(unknown)}")
     options = ["obs"] + [k for k in args.options if k != "obs"]  # the ratios' baseline runs too
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 solves, as the reference
-    if ":" in args.pattern:
-        n, m = map(int, args.pattern.split(":"))
-        pattern = Pattern("nm", n=n, m=m)
-    else:
-        pattern = Pattern("unstructured", ratio=float(args.pattern))
+    device, pattern = solver_setup(args)
     others = options[1:]
     head = "  ".join(f"{k + '/obs':>16}" for k in others)
     print(f"{'shape':<16} {'rows':>22} {'cols':>6} {'obs s':>7}  {head}   (time min/median; loss)")
