@@ -40,7 +40,7 @@ SHAPES = REAL_SHAPES | {
 }
 OPTIONS = {  # name -> layer_solver arguments, as conf/pruner/*.yaml set them
     "obs": {"mask": "obs", "update": "obs"},
-    "admm": {"mask": "obs", "update": "admm", "admm": {"rho": 1.0, "iterations": 20}},
+    "admm": {"mask": "obs", "update": "admm"},  # admm_update's defaults: ρ = 1, 20 iterations (obs_admm)
     "swaps": {"mask": "obs", "update": "obs", "refine": "swaps"},
     "rose": {"mask": "obs", "update": "obs", "order": "rose"},
 }
@@ -50,7 +50,7 @@ def group_solve(solve, Ws: list[torch.Tensor], H: torch.Tensor, pattern: Pattern
     """One input group as ``LayerwiseStrategy`` solves it: one factor, stacked where it can."""
     layers = [f"layer{i}" for i in range(len(Ws))]
     factor = solve.factorize(H, layer="group")
-    if hasattr(solve, "stacked"):
+    if hasattr(solve, "stacked") and len(Ws) > 1:  # a lone layer is solved alone, as there
         return solve.stacked(Ws, H, pattern, layers=layers, factor=factor)
     return [solve(W, H, pattern, layer=name, factor=factor) for W, name in zip(Ws, layers, strict=True)]
 
